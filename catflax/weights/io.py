@@ -1,0 +1,151 @@
+"""Reading and writing flat state dicts: safetensors (default), pickles only on request."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+SAFETENSORS_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+SAFETENSORS_INDEX_NAMES = (
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+)
+PICKLE_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing, unreadable or of a format the caller did not allow."""
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Reads a .safetensors file into numpy arrays (bf16 via ml_dtypes), checking its size."""
+    from safetensors.numpy import load_file
+
+    _check_safetensors_header(path)
+    try:
+        return dict(load_file(path))
+    except Exception as e:  # the library's messages do not name the file
+        raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _check_safetensors_header(path: str) -> None:
+    """Raises a clear error for a truncated or non-safetensors file before the library does."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise WeightFileError(
+                f"{path}: truncated or not a safetensors file (header of {header_len} bytes "
+                f"announced, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightFileError(f"{path}: not a safetensors file (bad header: {e})") from e
+    data_end = max(
+        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+    )
+    if 8 + header_len + data_end > size:
+        raise WeightFileError(
+            f"{path}: truncated safetensors file: tensors need {8 + header_len + data_end} "
+            f"bytes, file has {size}"
+        )
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
+    """Writes numpy arrays (any dtype ml_dtypes knows) to a .safetensors file, atomically."""
+    from safetensors.numpy import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_pickle(path: str) -> dict[str, np.ndarray]:
+    """Reads a PyTorch pickle (.bin/.ckpt) with torch's weights_only loader."""
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightFileError(
+            f"{path}: a pickled PyTorch file needs torch installed; convert it to safetensors "
+            "or install torch"
+        ) from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            if v.dtype == torch.bfloat16:
+                import ml_dtypes
+
+                out[k] = v.float().numpy().astype(ml_dtypes.bfloat16)
+            else:
+                out[k] = v.numpy()
+    return out
+
+
+def find_weight_file(directory: str, allow_pickle: bool = False) -> list[str]:
+    """The weight files of a model directory: one safetensors file, a sharded set, or a pickle."""
+    for name in SAFETENSORS_NAMES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return [os.path.join(directory, name)]
+    for name in SAFETENSORS_INDEX_NAMES:
+        index_path = os.path.join(directory, name)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+            if missing:
+                raise WeightFileError(f"{index_path}: shard files missing: {missing}")
+            return [os.path.join(directory, s) for s in shards]
+    for name in PICKLE_NAMES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            if not allow_pickle:
+                raise WeightFileError(
+                    f"{path}: only a pickled PyTorch file was found; pickles can run code, so "
+                    "they load only with allow_pickle=True (and torch installed)"
+                )
+            return [path]
+    raise WeightFileError(
+        f"{directory}: no weights found (looked for {', '.join(SAFETENSORS_NAMES)}, a sharded "
+        f"index, or {', '.join(PICKLE_NAMES)})"
+    )
+
+
+def read_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Reads a model directory or a single weight file into a flat {name: array} dict."""
+    if not os.path.exists(path):
+        raise WeightFileError(f"{path}: no such file or directory")
+    files = find_weight_file(path, allow_pickle) if os.path.isdir(path) else [path]
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        if file.endswith(PICKLE_SUFFIXES):
+            if not allow_pickle:
+                raise WeightFileError(
+                    f"{file}: pickled checkpoints can run arbitrary code and load only with "
+                    "allow_pickle=True (and torch installed); prefer a .safetensors file"
+                )
+            state.update(read_pickle(file))
+        else:
+            state.update(read_safetensors(file))
+    return state
+
+
+def read_json(path: str) -> dict:
+    """Reads a JSON file with an error that names it."""
+    if not os.path.isfile(path):
+        raise WeightFileError(f"{path}: config file not found")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise WeightFileError(f"{path}: invalid JSON ({e})") from e

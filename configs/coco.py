@@ -1,0 +1,15 @@
+"""CAT-Diffusion at full size (SPEC.md §1) on COCO 2017 instances.
+
+Run: python -m catflax.main --config=configs/coco.py --workdir=gs://BUCKET/catflax/coco
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base.get_config()
+    # Full sizes are base's: CLIP ViT-L/14 text (12x768) and vision (24x1024).
+    config.weights.clip = "/data/weights/clip-vit-large-patch14"  # transformers directory
+    return config

@@ -1,0 +1,181 @@
+"""CLIP towers: parity with transformers (PyTorch) through our own safetensors loader."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from catflax.models import clip
+from catflax.weights.convert import WeightLoadError
+from catflax.weights.io import WeightFileError, read_state_dict, write_safetensors
+
+TINY_CONFIGS = {
+    "quick_gelu": dict(
+        text=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                  eos_token_id=999, bos_token_id=998, pad_token_id=999),
+        vision=dict(image_size=32, patch_size=8, hidden_size=48, intermediate_size=64,
+                    num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"),
+    ),
+    "gelu": dict(
+        text=dict(vocab_size=500, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=3, max_position_embeddings=20, hidden_act="gelu",
+                  eos_token_id=499, bos_token_id=498, pad_token_id=1, layer_norm_eps=1e-6),
+        vision=dict(image_size=28, patch_size=7, hidden_size=32, intermediate_size=40,
+                    num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
+    ),
+}  # fmt: skip
+
+
+def save_tiny_clip(tmp_path, name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = TINY_CONFIGS[name]
+    config = transformers.CLIPConfig(text_config=cfg["text"], vision_config=cfg["vision"])
+    model = transformers.CLIPModel(config).eval()
+    path = str(tmp_path / f"clip_{name}")
+    model.save_pretrained(path)
+    return model, path, cfg
+
+
+def random_ids(rng, batch, length, vocab, eos):
+    ids = rng.integers(0, vocab - 2, size=(batch, length))
+    for b in range(batch):
+        end = rng.integers(2, length)
+        ids[b, end] = eos
+        ids[b, end + 1 :] = eos  # padded with EOS, as Stable Diffusion's tokenizer does
+    return ids
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_text_and_vision_match_transformers(tmp_path, name):
+    torch_model, path, cfg = save_tiny_clip(tmp_path, name)
+    rng = np.random.default_rng(0)
+    text_cfg, vision_cfg = cfg["text"], cfg["vision"]
+
+    ids = random_ids(rng, 3, min(16, text_cfg["max_position_embeddings"]),
+                     text_cfg["vocab_size"], text_cfg["eos_token_id"])  # fmt: skip
+    with torch.no_grad():
+        ref = torch_model.text_model(input_ids=torch.from_numpy(ids))
+    ours = clip.CLIPTextModel.from_pretrained(path)
+    assert ours.config.hidden_act == text_cfg["hidden_act"]
+    last, pooled = ours(jnp.asarray(ids))
+    np.testing.assert_allclose(last, ref.last_hidden_state.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
+
+    # With a padding attention mask too.
+    attn = (np.arange(ids.shape[1])[None] <= np.argmax(ids == text_cfg["eos_token_id"], 1)[:, None])
+    with torch.no_grad():
+        ref = torch_model.text_model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn.astype(np.int64))
+        )
+    last, pooled = ours(jnp.asarray(ids), jnp.asarray(attn))
+    np.testing.assert_allclose(last, ref.last_hidden_state.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
+
+    size = vision_cfg["image_size"]
+    pixels = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model.vision_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+    vision = clip.CLIPVisionModel.from_pretrained(path)
+    last, pooled = vision(jnp.asarray(pixels))
+    np.testing.assert_allclose(last, ref.last_hidden_state.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_standalone_tower_directories_and_sharded_files(tmp_path):
+    torch.manual_seed(1)
+    cfg = TINY_CONFIGS["quick_gelu"]
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg["text"])).eval()
+    path = str(tmp_path / "text")
+    text.save_pretrained(path, max_shard_size="20KB")  # several shards with an index
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    ids = random_ids(np.random.default_rng(1), 2, 10, 1000, 999)
+    with torch.no_grad():
+        ref = text(input_ids=torch.from_numpy(ids)).pooler_output.numpy()
+    _, pooled = clip.CLIPTextModel.from_pretrained(path)(jnp.asarray(ids))
+    np.testing.assert_allclose(pooled, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_stays_close(tmp_path):
+    torch_model, path, cfg = save_tiny_clip(tmp_path, "quick_gelu")
+    pixels = np.random.default_rng(2).standard_normal((1, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model.vision_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+    vision = clip.CLIPVisionModel.from_pretrained(path, dtype="bfloat16")
+    _, pooled = vision(jnp.asarray(pixels))
+    assert pooled.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(pooled, np.float32), ref.pooler_output.numpy(), atol=0.1)
+
+
+def _broken_copy(tmp_path, path, edit):
+    state = read_state_dict(path)
+    edit(state)
+    out = tmp_path / "broken"
+    out.mkdir(parents=True)
+    write_safetensors(str(out / "model.safetensors"), state)
+    with open(os.path.join(path, "config.json")) as f:
+        (out / "config.json").write_text(json.dumps(json.load(f)))
+    return str(out)
+
+
+def test_bad_weight_files_name_the_key(tmp_path):
+    _, path, _ = save_tiny_clip(tmp_path, "quick_gelu")
+    key = "text_model.encoder.layers.1.mlp.fc1.weight"
+
+    broken = _broken_copy(tmp_path / "a", path, lambda s: s.pop(key))
+    with pytest.raises(WeightLoadError, match="missing keys.*" + key.replace(".", r"\.")):
+        clip.CLIPTextModel.from_pretrained(broken)
+
+    extra = "text_model.encoder.layers.1.mlp.fc3.weight"
+    broken = _broken_copy(tmp_path / "b", path, lambda s: s.update({extra: np.zeros(3, np.float32)}))
+    with pytest.raises(WeightLoadError, match="unexpected keys.*fc3") as e:
+        clip.CLIPTextModel.from_pretrained(broken)
+    assert e.value.unexpected == [extra] and not e.value.missing
+
+    def reshape(s):
+        s[key] = np.zeros((5, 32), np.float32)
+
+    broken = _broken_copy(tmp_path / "c", path, reshape)
+    with pytest.raises(WeightLoadError, match=r"mis-shaped.*fc1\.weight: \(5, 32\) vs \(37, 32\)"):
+        clip.CLIPTextModel.from_pretrained(broken)
+
+
+def test_pickles_load_only_when_asked(tmp_path):
+    torch.manual_seed(3)
+    cfg = TINY_CONFIGS["gelu"]
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg["vision"])).eval()
+    path = tmp_path / "vision_bin"
+    model.save_pretrained(str(path))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    os.remove(path / "model.safetensors")
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(WeightFileError, match="pytorch_model.bin.*allow_pickle=True"):
+        clip.CLIPVisionModel.from_pretrained(str(path))
+    pixels = np.random.default_rng(4).standard_normal((1, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).pooler_output
+    vision = clip.CLIPVisionModel.from_pretrained(str(path), allow_pickle=True)
+    np.testing.assert_allclose(vision(jnp.asarray(pixels))[1], ref.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_full_size_presets_have_vit_l14_parameter_counts():
+    from flax import nnx
+
+    from catflax.weights.convert import count_params
+
+    text = nnx.eval_shape(lambda: clip.CLIPTextModel(clip.CLIP_VIT_L14_TEXT, rngs=nnx.Rngs(0)))
+    vision = nnx.eval_shape(lambda: clip.CLIPVisionModel(clip.CLIP_VIT_L14_VISION, rngs=nnx.Rngs(0)))
+    # transformers CLIPTextModel / CLIPVisionModel of openai/clip-vit-large-patch14 (no projections).
+    hf_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12))
+    assert count_params(text) == sum(p.numel() for p in hf_text.parameters())
+    hf_vision_config = transformers.CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+        patch_size=14)  # fmt: skip
+    with torch.device("meta"):
+        hf_vision = transformers.CLIPVisionModel(hf_vision_config)
+    assert count_params(vision) == sum(p.numel() for p in hf_vision.parameters())
