@@ -20,7 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def build_towers(config, abstract: bool = False):
-    """The frozen CLIP text and vision towers the config describes (loaded when it names weights)."""
+    """The frozen CLIP towers the config describes (loaded when it names weights)."""
     from flax import nnx
 
     from catflax.models import clip

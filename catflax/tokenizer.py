@@ -1,4 +1,4 @@
-"""The CLIP tokenizer: from a model directory, or built offline from the BPE file of `openai-clip`."""
+"""The CLIP tokenizer: from a model directory, or built offline from openai-clip's BPE file."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def openai_bpe_path() -> str:
             "the `openai-clip` package is not installed; it ships the CLIP BPE vocabulary "
             "(pip install openai-clip==1.0.1), or pass a tokenizer directory"
         )
-    path = os.path.join(list(spec.submodule_search_locations)[0], BPE_FILE)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), BPE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: CLIP BPE file missing from the openai-clip package")
     return path
@@ -88,6 +88,9 @@ def tokenize(prompts: list[str] | str, tokenizer=None, max_length: int = MAX_LEN
     if isinstance(prompts, str):
         prompts = [prompts]
     ids = tokenizer(
-        [clean_text(p) for p in prompts], padding="max_length", max_length=max_length, truncation=True
+        [clean_text(p) for p in prompts],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
     )["input_ids"]
     return np.asarray(ids, dtype=np.int32)

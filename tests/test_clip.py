@@ -67,7 +67,7 @@ def test_text_and_vision_match_transformers(tmp_path, name):
     np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
 
     # With a padding attention mask too.
-    attn = (np.arange(ids.shape[1])[None] <= np.argmax(ids == text_cfg["eos_token_id"], 1)[:, None])
+    attn = np.arange(ids.shape[1])[None] <= np.argmax(ids == text_cfg["eos_token_id"], 1)[:, None]
     with torch.no_grad():
         ref = torch_model.text_model(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn.astype(np.int64))
@@ -101,7 +101,7 @@ def test_standalone_tower_directories_and_sharded_files(tmp_path):
 
 
 def test_bf16_compute_stays_close(tmp_path):
-    torch_model, path, cfg = save_tiny_clip(tmp_path, "quick_gelu")
+    torch_model, path, _ = save_tiny_clip(tmp_path, "quick_gelu")
     pixels = np.random.default_rng(2).standard_normal((1, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
         ref = torch_model.vision_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
@@ -131,7 +131,9 @@ def test_bad_weight_files_name_the_key(tmp_path):
         clip.CLIPTextModel.from_pretrained(broken)
 
     extra = "text_model.encoder.layers.1.mlp.fc3.weight"
-    broken = _broken_copy(tmp_path / "b", path, lambda s: s.update({extra: np.zeros(3, np.float32)}))
+    broken = _broken_copy(
+        tmp_path / "b", path, lambda s: s.update({extra: np.zeros(3, np.float32)})
+    )
     with pytest.raises(WeightLoadError, match="unexpected keys.*fc3") as e:
         clip.CLIPTextModel.from_pretrained(broken)
     assert e.value.unexpected == [extra] and not e.value.missing
@@ -168,10 +170,15 @@ def test_full_size_presets_have_vit_l14_parameter_counts():
     from catflax.weights.convert import count_params
 
     text = nnx.eval_shape(lambda: clip.CLIPTextModel(clip.CLIP_VIT_L14_TEXT, rngs=nnx.Rngs(0)))
-    vision = nnx.eval_shape(lambda: clip.CLIPVisionModel(clip.CLIP_VIT_L14_VISION, rngs=nnx.Rngs(0)))
-    # transformers CLIPTextModel / CLIPVisionModel of openai/clip-vit-large-patch14 (no projections).
-    hf_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12))
+    vision = nnx.eval_shape(
+        lambda: clip.CLIPVisionModel(clip.CLIP_VIT_L14_VISION, rngs=nnx.Rngs(0))
+    )
+    # transformers towers of openai/clip-vit-large-patch14 (no projections).
+    hf_text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12
+        )
+    )
     assert count_params(text) == sum(p.numel() for p in hf_text.parameters())
     hf_vision_config = transformers.CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,

@@ -251,7 +251,9 @@ def _rename_vision(key: str) -> str:
     return key.replace("pre_layernorm", "pre_layrnorm")  # transformers' spelling
 
 
-def _from_pretrained(cls, path, config_fn, prefix, rename, dtype, param_dtype, allow_pickle, **overrides):
+def _from_pretrained(
+    cls, path, config_fn, prefix, rename, dtype, param_dtype, allow_pickle, **overrides
+):
     from catflax.weights import convert, io
 
     hf_config = io.read_json(os.path.join(path, "config.json"))
@@ -260,7 +262,13 @@ def _from_pretrained(cls, path, config_fn, prefix, rename, dtype, param_dtype, a
     if not any(k.startswith(prefix) for k in state):  # a bare tower saved without its prefix
         state = {prefix + k: v for k, v in state.items()}
     # A CLIPModel directory holds both towers and the projections: take this tower's keys.
-    other = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
+    other = (
+        "text_model.",
+        "vision_model.",
+        "text_projection.",
+        "visual_projection.",
+        "logit_scale",
+    )
     state = {k: v for k, v in state.items() if k.startswith(prefix) or not k.startswith(other)}
     state.pop(f"{prefix}embeddings.position_ids", None)  # a buffer, saved by old versions
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))

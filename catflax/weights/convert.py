@@ -32,8 +32,10 @@ class WeightLoadError(ValueError):
     """A state dict does not match the model: keys missing, unexpected or mis-shaped."""
 
     def __init__(self, source: str, missing=(), unexpected=(), mismatched=()):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(
-            mismatched
+        self.missing, self.unexpected, self.mismatched = (
+            list(missing),
+            list(unexpected),
+            list(mismatched),
         )
         parts = [f"{source}: weights do not match the model"]
         for title, items in (
@@ -42,7 +44,9 @@ class WeightLoadError(ValueError):
             ("mis-shaped keys (key: file shape vs expected)", self.mismatched),
         ):
             if items:
-                shown = ", ".join(items[:25]) + (f", ... ({len(items)} in all)" if len(items) > 25 else "")
+                shown = ", ".join(items[:25]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 25 else ""
+                )
                 parts.append(f"{len(items)} {title}: {shown}")
         super().__init__("\n  ".join(parts))
 
@@ -65,7 +69,9 @@ def path_str(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def torch_names(model: nnx.Module, rename: Callable[[str], str] | None = None) -> dict[Path, SourceName]:
+def torch_names(
+    model: nnx.Module, rename: Callable[[str], str] | None = None
+) -> dict[Path, SourceName]:
     """The PyTorch-style name and layout of every nnx.Param of `model` (abstract or concrete)."""
     owners = {path: type(m) for path, m in nnx.iter_modules(model)}
     names = {}
@@ -153,7 +159,9 @@ def load_state_dict(
     if to_init:
         if init_fn is None:
             raise ValueError("parameters may be initialised but no init_fn was given")
-        fresh = dict(nnx.to_flat_state(nnx.state(jax.jit(lambda: nnx.state(init_fn()))(), nnx.Param)))
+        fresh = dict(
+            nnx.to_flat_state(nnx.state(jax.jit(lambda: nnx.state(init_fn()))(), nnx.Param))
+        )
     place = place or (lambda path, a: jnp.asarray(a))
     for path, var in flat.items():
         var.set_value(place(path, values[path]) if path in values else fresh[path].get_value())
@@ -180,4 +188,6 @@ def export_state_dict(
 
 def count_params(model: nnx.Module) -> int:
     """Number of scalars in the model's nnx.Param leaves (works on abstract models)."""
-    return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    return sum(
+        int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    )

@@ -1,0 +1,52 @@
+"""The entry point: configs, overrides and errors, as a user runs it."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from catflax import preprocess
+
+
+def run_main(tmp_path, *args):
+    cmd = [
+        sys.executable,
+        "-m",
+        "catflax.main",
+        "--config=configs/demo.py",
+        f"--workdir={tmp_path}",
+    ]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_demo_config_runs(tmp_path):
+    result = run_main(tmp_path / "wd")
+    assert result.returncode == 0, result.stderr
+    assert "clip_text: 1,600,672 parameters" in result.stdout
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+    result = run_main(tmp_path, "--config.nonexistent=1")
+    assert result.returncode != 0
+    assert "unknown config field 'nonexistent'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_override_changes_the_model(tmp_path):
+    result = run_main(tmp_path, "--config.dry_run=True", "--config.model.clip_text.num_layers=3")
+    assert result.returncode == 0, result.stderr
+    assert "'num_layers': 3" in result.stdout
+
+
+def test_clip_normalize_uses_clip_mean_and_std():
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    np.testing.assert_allclose(
+        preprocess.clip_normalize(images), (images / 255 - mean) / std, atol=1e-6
+    )
+    import jax.numpy as jnp
+
+    np.testing.assert_allclose(
+        preprocess.clip_normalize(jnp.asarray(images)), (images / 255 - mean) / std, atol=1e-6
+    )
