@@ -252,7 +252,7 @@ def _rename_vision(key: str) -> str:
 
 
 def _from_pretrained(
-    cls, path, config_fn, prefix, rename, dtype, param_dtype, allow_pickle, **overrides
+    cls, path, config_fn, prefix, rename, dtype, param_dtype, allow_pickle, place, **overrides
 ):
     from catflax.weights import convert, io
 
@@ -272,7 +272,9 @@ def _from_pretrained(
     state = {k: v for k, v in state.items() if k.startswith(prefix) or not k.startswith(other)}
     state.pop(f"{prefix}embeddings.position_ids", None)  # a buffer, saved by old versions
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
-    model, _ = convert.load_state_dict(abstract, state, source_name=path, rename=rename)
+    model, _ = convert.load_state_dict(
+        abstract, state, source_name=path, rename=rename, place=place
+    )
     return model
 
 
@@ -289,12 +291,12 @@ class CLIPTextModel(nnx.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, dtype: str = "float32", param_dtype: str = "float32",
-        allow_pickle: bool = False, **overrides,
+        allow_pickle: bool = False, place=None, **overrides,
     ) -> CLIPTextModel:  # fmt: skip
         """Loads a transformers CLIPTextModel or CLIPModel directory (safetensors by default)."""
         return _from_pretrained(
             cls, path, text_config_from_hf, "text_model.", None, dtype, param_dtype,
-            allow_pickle, **overrides,
+            allow_pickle, place, **overrides,
         )  # fmt: skip
 
 
@@ -311,10 +313,10 @@ class CLIPVisionModel(nnx.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, dtype: str = "float32", param_dtype: str = "float32",
-        allow_pickle: bool = False, **overrides,
+        allow_pickle: bool = False, place=None, **overrides,
     ) -> CLIPVisionModel:  # fmt: skip
         """Loads a transformers CLIPVisionModel or CLIPModel directory (safetensors by default)."""
         return _from_pretrained(
             cls, path, vision_config_from_hf, "vision_model.", _rename_vision, dtype,
-            param_dtype, allow_pickle, **overrides,
+            param_dtype, allow_pickle, place, **overrides,
         )  # fmt: skip
