@@ -1,0 +1,250 @@
+"""Multi-host start-up: `initialize_distributed()` first thing in main, before any other JAX call.
+
+Where it runs, and what it does there (first match wins):
+- `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` all set: those.
+- a SLURM task (`SLURM_JOB_ID`, `SLURM_NTASKS`, `SLURM_PROCID`): process count and id from SLURM,
+  the coordinator from `JAX_COORDINATOR_ADDRESS` or the job's first node; with several tasks per
+  node each task drives the GPU numbered `SLURM_LOCALID`.
+- a Cloud TPU VM of a multi-host slice (GKE's `TPU_WORKER_HOSTNAMES`, or the VM's metadata):
+  `jax.distributed.initialize()` finds the other workers itself.
+- anything else is a single process: nothing to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+import re
+import urllib.request
+from collections.abc import Callable, Mapping
+
+from absl import logging
+
+# Same default as JAX's own SLURM detection, so both pick one port: 61440 + job id % 4096.
+_SLURM_PORT_BASE = 65535 - 2**12 + 1
+_GCE_METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+
+
+class ClusterConfigError(ValueError):
+    """The environment describes a cluster inconsistently (names the variables at fault)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterPlan:
+    """How to start JAX here: `source` is "single", "env", "slurm" or "tpu"."""
+
+    source: str
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator_address: str | None = None  # None for "tpu": JAX asks the TPU metadata
+    local_device_ids: tuple[int, ...] | None = None  # None: every local device
+
+    @property
+    def multi_process(self) -> bool:
+        return self.num_processes > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process stands once JAX is up."""
+
+    process_index: int
+    process_count: int
+    local_device_count: int
+    device_count: int
+    source: str
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ClusterConfigError(f"{name}={value!r} is not an integer") from None
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-010,12],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\]([^,]*))?", nodelist.strip())
+    prefix, ranges, suffix = match.group(1), match.group(2), match.group(3) or ""
+    if not prefix and ranges is None:
+        raise ClusterConfigError(f"cannot read a host name from SLURM node list {nodelist!r}")
+    if ranges is None:
+        return prefix
+    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0] + suffix
+
+
+def _tasks_per_node(environ: Mapping[str, str]) -> int:
+    # '8(x2)' or '8,8' or '8': the first node's count (SLURM lays tasks out evenly here).
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        if match := re.match(r"\d+", environ.get(name, "")):
+            return int(match.group())
+    return 1
+
+
+def _slurm_plan(environ: Mapping[str, str]) -> ClusterPlan:
+    num_processes = _int_var(environ, "SLURM_NTASKS")
+    process_id = _int_var(environ, "SLURM_PROCID")
+    if "JAX_NUM_PROCESSES" in environ:
+        num_processes = _int_var(environ, "JAX_NUM_PROCESSES")
+    if "JAX_PROCESS_ID" in environ:
+        process_id = _int_var(environ, "JAX_PROCESS_ID")
+    if num_processes <= 1:
+        return ClusterPlan("single")
+    coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        host = slurm_first_host(nodelist) if nodelist else environ.get("SLURM_LAUNCH_NODE_IPADDR")
+        if not host:
+            raise ClusterConfigError(
+                "SLURM task with no SLURM_JOB_NODELIST, SLURM_STEP_NODELIST or "
+                "SLURM_LAUNCH_NODE_IPADDR: set JAX_COORDINATOR_ADDRESS=host:port"
+            )
+        port = environ.get("JAX_COORDINATOR_PORT") or str(
+            _SLURM_PORT_BASE + _int_var(environ, "SLURM_JOB_ID") % 2**12
+        )
+        coordinator = f"{host}:{port}"
+    local_device_ids = None
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if _tasks_per_node(environ) > 1 and "SLURM_LOCALID" in environ and len(visible) != 1:
+        # Several processes share the node's GPUs: each takes one. (With --gpus-per-task=1
+        # SLURM already hides the others, and the one visible GPU is local device 0.)
+        local_device_ids = (_int_var(environ, "SLURM_LOCALID"),)
+    return ClusterPlan("slurm", num_processes, process_id, coordinator, local_device_ids)
+
+
+def tpu_workers_from_env(environ: Mapping[str, str]) -> int | None:
+    """Hosts in the TPU job from GKE-style variables (x MEGASCALE_NUM_SLICES), or None."""
+    hostnames = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+    if not hostnames:
+        return None
+    slices = _int_var(environ, "MEGASCALE_NUM_SLICES") if "MEGASCALE_NUM_SLICES" in environ else 1
+    return len([h for h in hostnames.split(",") if h]) * slices
+
+
+def gce_tpu_workers(timeout_s: float = 10.0) -> int | None:
+    """Hosts in this Cloud TPU VM slice from the VM's metadata, or None when not on a TPU VM."""
+    chips = glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")
+    if not chips or importlib.util.find_spec("libtpu") is None:
+        return None
+    request = urllib.request.Request(
+        _GCE_METADATA + "worker-network-endpoints", headers={"Metadata-Flavor": "Google"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            endpoints = response.read().decode()
+    except OSError as e:
+        raise ClusterConfigError(
+            f"on a TPU VM ({chips[0]}), but its metadata server did not say how many workers "
+            f"the slice has: {e}"
+        ) from e
+    return len([w for w in endpoints.split(",") if w.strip()])
+
+
+def plan_cluster(
+    environ: Mapping[str, str],
+    tpu_workers: Callable[[], int | None] = gce_tpu_workers,
+) -> ClusterPlan:
+    """Decides how to start JAX from the environment (pure apart from `tpu_workers`)."""
+    jax_vars = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    present = [name for name in jax_vars if environ.get(name)]
+    if len(present) == len(jax_vars):
+        num_processes = _int_var(environ, "JAX_NUM_PROCESSES")
+        process_id = _int_var(environ, "JAX_PROCESS_ID")
+        if not 0 <= process_id < num_processes:
+            raise ClusterConfigError(
+                f"JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES={num_processes})"
+            )
+        if num_processes == 1:
+            return ClusterPlan("single")
+        return ClusterPlan("env", num_processes, process_id, environ["JAX_COORDINATOR_ADDRESS"])
+    if all(name in environ for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")):
+        return _slurm_plan(environ)
+    if present:
+        missing = [name for name in jax_vars if name not in present]
+        raise ClusterConfigError(
+            f"{', '.join(present)} set but not {', '.join(missing)} (and not a SLURM task)"
+        )
+    workers = tpu_workers_from_env(environ)
+    if workers is None:
+        workers = tpu_workers()
+    if workers is not None and workers > 1:
+        return ClusterPlan("tpu", num_processes=workers)
+    return ClusterPlan("single")
+
+
+def initialize_distributed(
+    environ: Mapping[str, str] | None = None, timeout_s: int = 300
+) -> ProcessInfo:
+    """Starts multi-host JAX when the environment says there are several processes; logs where
+    this process stands. Call it once, before anything else touches JAX devices."""
+    import jax
+
+    plan = plan_cluster(os.environ if environ is None else environ)
+    if plan.multi_process and not jax.distributed.is_initialized():
+        logging.info("catflax: starting JAX distributed (%s): %s", plan.source, plan)
+        if plan.source == "tpu":
+            jax.distributed.initialize(initialization_timeout=timeout_s)
+        else:
+            # Explicit values, with JAX's own detection off so it does not override them
+            # (its SLURM path would pin every process to one GPU even with one task per node).
+            jax.distributed.initialize(
+                coordinator_address=plan.coordinator_address,
+                num_processes=plan.num_processes,
+                process_id=plan.process_id,
+                local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
+                cluster_detection_method="deactivate",
+                initialization_timeout=timeout_s,
+            )
+    info = ProcessInfo(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_device_count=jax.local_device_count(),
+        device_count=jax.device_count(),
+        source=plan.source,
+    )
+    logging.info(
+        "catflax: process %d of %d (%s), %d local of %d devices: %s",
+        info.process_index,
+        info.process_count,
+        info.source,
+        info.local_device_count,
+        info.device_count,
+        jax.local_devices()[0].device_kind,
+    )
+    return info
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that writes logs, summaries and sample images."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def describe_mesh(mesh) -> str:
+    """One line: axis sizes, devices, and how many of them each process holds."""
+    import numpy as np
+
+    devices = np.asarray(mesh.devices).ravel()
+    axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    per_process: dict[int, int] = {}
+    for device in devices:
+        per_process[device.process_index] = per_process.get(device.process_index, 0) + 1
+    counts = sorted(set(per_process.values()))
+    layout = "/".join(str(c) for c in counts)
+    return (
+        f"mesh {axes}: {devices.size} x {devices[0].device_kind} devices, "
+        f"{len(per_process)} process(es) with {layout} each"
+    )
+
+
+def log_mesh(mesh) -> None:
+    """Logs `describe_mesh(mesh)` and, at debug verbosity, the device id grid."""
+    import numpy as np
+
+    logging.info("catflax: %s", describe_mesh(mesh))
+    ids = np.vectorize(lambda d: d.id)(np.asarray(mesh.devices))
+    logging.debug("catflax: mesh device ids %s:\n%s", tuple(mesh.axis_names), ids)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Start `python -m catflax.main` on every worker of a TPU slice at once (one process per host).
+set -euo pipefail
+# shellcheck source=launch/tpu/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<HELP
+Usage: launch/tpu/run.sh --name NAME --zone ZONE --config CONFIG --workdir gs://BUCKET/DIR
+         [--env KEY=VALUE ...] [--foreground] [-- --config.FIELD=VALUE ...]
+
+Runs 'python -m catflax.main --config=CONFIG --workdir=WORKDIR [overrides]' on all workers at
+once. The workers find each other by themselves (catflax.distributed). By default the run goes on
+in the background (it survives a dropped connection): its output is ~/$REMOTE_LOG on each worker
+(logs.sh shows it) and stop.sh ends it.
+
+  --config CONFIG      config file, relative to the project root, e.g. configs/coco.py
+  --workdir gs://...   where checkpoints and logs go; all workers must see it, so a GCS path
+  --env KEY=VALUE      environment variable for the run (repeatable), e.g. LIBTPU_INIT_ARGS=...
+  --foreground         stay attached and stream every worker's output (Ctrl-C detaches only)
+  -- ARGS              passed on to catflax.main, e.g. -- --config.seed=3
+$TARGET_HELP
+HELP
+}
+
+OPT_config="" OPT_workdir="" OPT_foreground=0
+OPT_env=()
+VALUE_OPTS+=(config workdir)
+LIST_OPTS+=(env)
+FLAG_OPTS+=(foreground)
+parse_args "$@"
+require config workdir
+gcloud_flags
+check_main_args
+[[ $OPT_workdir == gs://?* ]] ||
+  die "--workdir must be a gs:// path that every worker can reach, not '$OPT_workdir'"
+
+env_words=()
+for pair in "${OPT_env[@]}"; do
+  [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env wants KEY=VALUE, not '$pair'"
+  env_words+=("$pair")
+done
+main_line=""
+((${#env_words[@]} == 0)) || main_line="env $(command_line "${env_words[@]}") "
+# The venv path stays unquoted so that the worker's shell expands the tilde.
+# shellcheck disable=SC2088
+main_line+="~/$REMOTE_VENV/bin/python $(command_line -m catflax.main --config="$OPT_config" \
+  --workdir="$OPT_workdir" "${EXTRA_ARGS[@]}")"
+
+if ((OPT_foreground)); then
+  tpu_ssh all "cd ~/$REMOTE_SRC && $main_line"
+else
+  remote="cd ~/$REMOTE_SRC || exit 1"
+  remote+="; if [ -e ~/$REMOTE_PID ] && kill -0 \"\$(cat ~/$REMOTE_PID)\" 2>/dev/null; then"
+  remote+=" echo \"catflax already runs on \$(hostname): stop.sh first\" >&2; exit 1; fi"
+  # setsid: the run leads its own process group, which stop.sh signals as a whole.
+  remote+="; setsid nohup $main_line > ~/$REMOTE_LOG 2>&1 < /dev/null & echo \$! > ~/$REMOTE_PID"
+  remote+="; echo \"catflax started on \$(hostname), pid \$(cat ~/$REMOTE_PID)\""
+  tpu_ssh all "$remote"
+fi

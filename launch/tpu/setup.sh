@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Install catflax on every worker of a TPU slice: the code, a Python 3.11 venv, jax[tpu], -e .
+set -euo pipefail
+# shellcheck source=launch/tpu/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<HELP
+Usage: launch/tpu/setup.sh --name NAME --zone ZONE [--repo URL [--ref REF]]
+
+Puts the project in ~/$REMOTE_SRC on every worker (by default a copy of this working tree, less
+.git and virtual environments; with --repo a git clone), makes ~/$REMOTE_VENV with Python
+$PYTHON_VERSION (uv $UV_VERSION fetches it) and installs requirements.txt, jax[tpu] of the version
+requirements.txt pins, and the project itself (-e .). Safe to run again after code changes.
+
+  --repo URL         clone this git repository on the workers instead of copying this tree
+  --weights gs://... copy this GCS folder to ~/$REMOTE_WEIGHTS on every worker (gcloud storage
+                     rsync; catflax reads weights from local disk), e.g. gs://BUCKET/weights
+                     holding clip-vit-large-patch14/; configs then name
+                     ../$REMOTE_WEIGHTS/clip-vit-large-patch14 (runs start in ~/$REMOTE_SRC)
+  --ref REF          branch, tag or commit to check out (with --repo)
+$TARGET_HELP
+HELP
+}
+
+PYTHON_VERSION=3.11
+OPT_repo="" OPT_ref="" OPT_weights=""
+VALUE_OPTS+=(repo ref weights)
+parse_args "$@"
+no_extra_args
+gcloud_flags
+[[ -z $OPT_ref || -n $OPT_repo ]] || die "--ref needs --repo"
+[[ -z $OPT_weights || $OPT_weights == gs://?* ]] || die "--weights wants a gs:// folder"
+jax_version=$(pinned_version jax)
+
+if [[ -n $OPT_repo ]]; then
+  fetch="rm -rf $REMOTE_SRC && git clone --quiet $(quote "$OPT_repo") $REMOTE_SRC"
+  [[ -z $OPT_ref ]] || fetch+=" && git -C $REMOTE_SRC checkout --quiet $(quote "$OPT_ref")"
+else
+  tarball="${TMPDIR:-/tmp}/catflax-src-$OPT_name.tar.gz"
+  run tar -czf "$tarball" -C "$CATFLAX_ROOT" --exclude=./.git --exclude='./.venv*' \
+    --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache .
+  run gcloud compute tpus tpu-vm scp "$tarball" "$OPT_name:catflax-src.tar.gz" \
+    "${GCLOUD_FLAGS[@]}" --worker=all
+  fetch="rm -rf $REMOTE_SRC && mkdir $REMOTE_SRC && tar -xzf catflax-src.tar.gz -C $REMOTE_SRC"
+fi
+
+# These run in the worker's shell, which expands the tildes.
+# shellcheck disable=SC2088
+uv='~/.local/bin/uv'
+# shellcheck disable=SC2088
+steps=(
+  "cd ~"
+  "$fetch"
+  ${OPT_weights:+"mkdir -p $REMOTE_WEIGHTS"}
+  ${OPT_weights:+"gcloud storage rsync --recursive $(quote "$OPT_weights") $REMOTE_WEIGHTS"}
+  "python3 -m pip install --user --quiet uv==$UV_VERSION"
+  "$uv venv --quiet --allow-existing --python $PYTHON_VERSION $REMOTE_VENV"
+  "cd $REMOTE_SRC"
+  "$uv pip install --quiet --python ~/$REMOTE_VENV/bin/python -r requirements.txt \"jax[tpu]==$jax_version\" -e ."
+  "~/$REMOTE_VENV/bin/python -c \"import catflax, jax; print(jax.__version__)\""
+  "echo catflax ready on \$(hostname)"
+)
+remote=$(printf '%s && ' "${steps[@]}")
+tpu_ssh all "${remote% && }"

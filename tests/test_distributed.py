@@ -1,0 +1,334 @@
+"""catflax.distributed: cluster detection from fake environments; a real 2-process start-up."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax._src.clusters.slurm_cluster import SlurmCluster
+
+from catflax import distributed
+from catflax.distributed import ClusterConfigError, ClusterPlan, plan_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def no_tpu() -> None:
+    return None
+
+
+def must_not_ask() -> int:
+    raise AssertionError("the TPU metadata must not be consulted here")
+
+
+# ---------------------------------------------------------------------------------------------
+# explicit JAX_* variables
+
+
+def test_explicit_jax_variables():
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+        "JAX_NUM_PROCESSES": "4",
+        "JAX_PROCESS_ID": "2",
+    }
+    assert plan_cluster(env, must_not_ask) == ClusterPlan("env", 4, 2, "10.0.0.1:1234")
+
+
+def test_one_process_is_single():
+    env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
+    assert plan_cluster(env, must_not_ask) == ClusterPlan("single")
+    assert plan_cluster({}, no_tpu) == ClusterPlan("single")
+    assert not ClusterPlan("single").multi_process
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "not JAX_COORDINATOR_ADDRESS"),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "not JAX_NUM_PROCESSES, JAX_PROCESS_ID"),
+        (
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+            "JAX_NUM_PROCESSES='two' is not an integer",
+        ),
+        (
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+            r"JAX_PROCESS_ID=2 is not in \[0, JAX_NUM_PROCESSES=2\)",
+        ),
+    ],
+)
+def test_bad_jax_variables_are_named(env, message):
+    with pytest.raises(ClusterConfigError, match=message):
+        plan_cluster(env, must_not_ask)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM
+
+
+def slurm_env(**overrides: str) -> dict[str, str]:
+    env = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[003-004]",
+        "SLURM_STEP_NODELIST": "gpu[003-004]",
+        "SLURM_TASKS_PER_NODE": "8(x2)",
+    }
+    env.update(overrides)
+    return env
+
+
+def test_slurm_one_process_per_gpu(monkeypatch):
+    env = slurm_env()
+    plan = plan_cluster(env, must_not_ask)
+    assert plan == ClusterPlan("slurm", 16, 9, "gpu003:62674", (1,))
+    # JAX's own SLURM detection, given the same variables, picks the same coordinator and ids.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert SlurmCluster.is_env_present()
+    assert SlurmCluster.get_coordinator_address(None, None) == plan.coordinator_address
+    assert SlurmCluster.get_process_count() == plan.num_processes
+    assert SlurmCluster.get_process_id() == plan.process_id
+    assert (SlurmCluster.get_local_process_id(),) == plan.local_device_ids
+
+
+def test_slurm_one_process_per_host_sees_all_gpus():
+    env = slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0")
+    env["SLURM_TASKS_PER_NODE"] = "1(x2)"
+    assert plan_cluster(env, must_not_ask) == ClusterPlan("slurm", 2, 1, "gpu003:62674", None)
+
+
+def test_slurm_gpus_per_task_leaves_the_one_visible_gpu():
+    env = slurm_env(CUDA_VISIBLE_DEVICES="5")
+    assert plan_cluster(env, must_not_ask).local_device_ids is None
+
+
+def test_slurm_coordinator_overrides():
+    env = slurm_env(JAX_COORDINATOR_ADDRESS="head:9999")
+    assert plan_cluster(env, must_not_ask).coordinator_address == "head:9999"
+    env = slurm_env(JAX_COORDINATOR_PORT="4242")
+    assert plan_cluster(env, must_not_ask).coordinator_address == "gpu003:4242"
+    env = slurm_env(SLURM_LAUNCH_NODE_IPADDR="10.1.2.3")
+    del env["SLURM_JOB_NODELIST"], env["SLURM_STEP_NODELIST"]
+    assert plan_cluster(env, must_not_ask).coordinator_address == "10.1.2.3:62674"
+    del env["SLURM_LAUNCH_NODE_IPADDR"]
+    with pytest.raises(ClusterConfigError, match="JAX_COORDINATOR_ADDRESS=host:port"):
+        plan_cluster(env, must_not_ask)
+
+
+def test_slurm_single_task_is_single():
+    env = slurm_env(SLURM_NTASKS="1", SLURM_PROCID="0")
+    assert plan_cluster(env, must_not_ask) == ClusterPlan("single")
+
+
+def test_slurm_bad_value_is_named():
+    with pytest.raises(ClusterConfigError, match="SLURM_PROCID='x'"):
+        plan_cluster(slurm_env(SLURM_PROCID="x"), must_not_ask)
+
+
+@pytest.mark.parametrize(
+    "nodelist", ["node001", "node001,host2", "node[001-0015],host2", "node[001,007-015],host2"]
+)
+def test_first_host_matches_jax(monkeypatch, nodelist):
+    monkeypatch.setenv("SLURM_STEP_NODELIST", nodelist)
+    monkeypatch.setenv("SLURM_JOB_ID", "0")
+    jax_host = SlurmCluster.get_coordinator_address(None, "1").rsplit(":", 1)[0]
+    assert distributed.slurm_first_host(nodelist) == jax_host
+
+
+def test_first_host_keeps_suffix():
+    assert distributed.slurm_first_host("a[7-9]-ib,b1") == "a7-ib"
+    with pytest.raises(ClusterConfigError, match="node list"):
+        distributed.slurm_first_host("")
+
+
+# ---------------------------------------------------------------------------------------------
+# TPU
+
+
+def test_tpu_from_gke_variables():
+    env = {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3", "TPU_WORKER_ID": "2"}
+    assert plan_cluster(env, must_not_ask) == ClusterPlan("tpu", num_processes=4)
+    env["MEGASCALE_NUM_SLICES"] = "2"
+    assert plan_cluster(env, must_not_ask).num_processes == 8
+    assert plan_cluster({"TPU_WORKER_HOSTNAMES": "w0"}, must_not_ask) == ClusterPlan("single")
+
+
+def test_tpu_from_vm_metadata():
+    assert plan_cluster({}, lambda: 4) == ClusterPlan("tpu", num_processes=4)
+    assert plan_cluster({}, lambda: 1) == ClusterPlan("single")
+
+
+class FakeMetadata:
+    """Stands in for urlopen's answer from the TPU VM metadata server."""
+
+    def __init__(self, body: str):
+        self.body = body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self) -> bytes:
+        return self.body.encode()
+
+
+def test_tpu_vm_metadata_is_read_only_on_a_tpu_vm(monkeypatch):
+    asked = []
+
+    def urlopen(request, timeout):
+        asked.append((request.full_url, request.get_header("Metadata-flavor"), timeout))
+        return FakeMetadata("10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5")
+
+    monkeypatch.setattr(distributed.urllib.request, "urlopen", urlopen)
+    chips = {"/dev/accel*": ["/dev/accel0"], "/dev/vfio/[0-9]*": []}
+    monkeypatch.setattr(distributed.glob, "glob", lambda pattern: [])
+    assert distributed.gce_tpu_workers() is None  # no TPU chips: not a TPU VM
+    monkeypatch.setattr(distributed.glob, "glob", lambda pattern: chips[pattern])
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+    assert distributed.gce_tpu_workers() is None  # chips but no libtpu: not for JAX
+    assert asked == []
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: object())
+    assert distributed.gce_tpu_workers(timeout_s=3) == 4
+    assert asked == [(distributed._GCE_METADATA + "worker-network-endpoints", "Google", 3)]
+
+    def unreachable(request, timeout):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(distributed.urllib.request, "urlopen", unreachable)
+    with pytest.raises(ClusterConfigError, match="/dev/accel0.*connection refused"):
+        distributed.gce_tpu_workers()
+
+
+# ---------------------------------------------------------------------------------------------
+# in this (single) process
+
+
+def test_initialize_single_process_and_mesh():
+    info = distributed.initialize_distributed(environ={})
+    assert info == distributed.ProcessInfo(0, 1, 8, 8, "single")
+    assert distributed.is_main_process()
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    text = distributed.describe_mesh(mesh)
+    assert text == "mesh data=2 fsdp=4: 8 x cpu devices, 1 process(es) with 8 each"
+    distributed.log_mesh(mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# two real processes on this machine
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from catflax import distributed
+
+    info = distributed.initialize_distributed(timeout_s=60)
+    gathered = multihost_utils.process_allgather(np.array([10 * info.process_index + 1]))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    local = np.arange(jax.local_device_count(), dtype=np.float32) + 100 * info.process_index
+    data = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+    psum = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.psum(x, "data"), mesh=mesh, in_specs=P("data"), out_specs=P()
+        )
+    )(data)
+    print("RESULT " + json.dumps({
+        "info": info.__dict__,
+        "main": distributed.is_main_process(),
+        "gathered": np.asarray(gathered).ravel().tolist(),
+        "psum": np.asarray(psum).ravel().tolist(),
+        "mesh": distributed.describe_mesh(mesh),
+    }))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(style: str, process_id: int, port: int) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "JAX_", "TPU_", "MEGASCALE_"))
+    }
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if style == "jax":
+        env.update(
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(process_id),
+        )
+    else:  # what srun gives two tasks on one node
+        env.update(
+            SLURM_JOB_ID="77",
+            SLURM_NTASKS="2",
+            SLURM_PROCID=str(process_id),
+            SLURM_LOCALID=str(process_id),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_TASKS_PER_NODE="2",
+            JAX_COORDINATOR_PORT=str(port),
+        )
+    return env
+
+
+@pytest.mark.parametrize("style", ["jax", "slurm"])
+def test_two_processes_meet_and_reduce(tmp_path, style):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=cluster_env(style, i, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=90)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    results = []
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    source = "env" if style == "jax" else "slurm"
+    for i, result in enumerate(results):
+        assert result["info"] == {
+            "process_index": i,
+            "process_count": 2,
+            "local_device_count": 2,
+            "device_count": 4,
+            "source": source,
+        }
+        assert result["main"] == (i == 0)
+        assert result["gathered"] == [1, 11]
+        # devices hold 0, 1 (process 0) and 100, 101 (process 1)
+        np.testing.assert_allclose(result["psum"], [202.0])
+        assert result["mesh"] == "mesh data=4: 4 x cpu devices, 2 process(es) with 2 each"

