@@ -1,0 +1,67 @@
+"""All evaluation metrics of one run in one call: what `catflax.evaluate` writes to metrics.json."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from catflax.metrics import distances, preservation
+from catflax.metrics.clip_score import CLIPScorer
+from catflax.metrics.features import inception_features
+from catflax.metrics.inception import InceptionV3
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def compute_metrics(
+    generated: Sequence[np.ndarray],
+    originals: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    *,
+    reference: Sequence[np.ndarray] | None = None,
+    inception: InceptionV3 | None = None,
+    clip: CLIPScorer | None = None,
+    batch_size: int = 50,
+    fid_method: str = "auto",
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Summary metrics and per-example arrays for uint8 RGB `generated` images against their
+    `originals` (same sizes), uint8 `masks` (> 127 inside) and `prompts`.
+
+    FID (needs `inception`) and CLIP-FD / CMMD (need `clip`) compare `generated` with
+    `reference` (default: the originals); CLIP scores need `clip`; preservation always runs.
+    Metrics whose model is not given are left out.
+    """
+    n = len(generated)
+    if not (len(originals) == len(masks) == len(prompts) == n):
+        raise ValueError(
+            f"need as many originals, masks and prompts as generated images ({n}): got "
+            f"{len(originals)}, {len(masks)}, {len(prompts)}"
+        )
+    reference = originals if reference is None else reference
+    mse, psnr = preservation.outside_mask_errors(
+        np.stack(generated), np.stack(originals), np.stack(masks)
+    )
+    per_example: dict[str, np.ndarray] = {"mse_outside": mse, "psnr_outside": psnr}
+    summary: dict[str, float] = {
+        "count": n,
+        "reference_count": len(reference),
+        "mse_outside": _nanmean(mse),
+        "psnr_outside": _nanmean(psnr),
+    }
+    if inception is not None:
+        fake = inception_features(inception, list(generated), batch_size)
+        real = inception_features(inception, list(reference), batch_size)
+        summary["fid"] = distances.frechet_distance_from_features(real, fake, fid_method)
+    if clip is not None:
+        scores = clip.scores(prompts, generated, masks)
+        per_example.update(scores)
+        summary.update({name: _nanmean(values) for name, values in scores.items()})
+        fake, real = clip.embed_images(generated), clip.embed_images(reference)
+        summary["clip_fd"] = distances.frechet_distance_from_features(real, fake, fid_method)
+        summary["cmmd"] = distances.cmmd(real, fake)
+    return summary, per_example
