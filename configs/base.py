@@ -9,6 +9,8 @@ import ml_collections
 
 from catflax.models.clip import CLIP_VIT_L14_TEXT, CLIP_VIT_L14_VISION
 from catflax.models.inpainter import InpainterConfig
+from catflax.models.unet import CAT_UNET
+from catflax.models.vae import SD15_VAE
 from catflax.sharding import DEFAULT_RULES
 
 
@@ -24,6 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Semantic inpainter (SPEC.md §3); fields of catflax.models.inpainter.InpainterConfig.
     # hidden_size must equal clip_vision.hidden_size, label_size clip_text.hidden_size.
     config.model.inpainter = dataclasses.asdict(InpainterConfig())
+    # SD-1.5-inpainting UNet + reference adapter (SPEC.md §1-2); fields of
+    # catflax.models.unet.UNetConfig. ref_dim must equal clip_vision.hidden_size,
+    # cross_attention_dim clip_text.hidden_size.
+    config.model.unet = dataclasses.asdict(CAT_UNET)
+    # SD-1.5 AutoencoderKL (f=8); fields of catflax.models.vae.VAEConfig.
+    config.model.vae = dataclasses.asdict(SD15_VAE)
 
     config.sampling = ml_collections.ConfigDict()  # DDIM (SPEC.md §6)
     config.sampling.num_steps = 50  # DDIM steps (timesteps k*(1000//steps)+1)
@@ -33,6 +41,32 @@ def get_config() -> ml_collections.ConfigDict:
     config.weights = ml_collections.ConfigDict()
     config.weights.clip = ""  # transformers CLIP directory ("" = random init, e.g. the demo)
     config.weights.tokenizer = ""  # tokenizer directory ("" = built offline from openai-clip)
+    # SD-1.5-inpainting: a diffusers pipeline directory (unet/, vae/) or an LDM single file
+    # (.safetensors; "" = random init). The adapter is not in it and starts fresh.
+    config.weights.sd = ""
+    # ------------------------------------------------------------------ data (SPEC.md §4)
+    # Built with `python -m catflax.data.prepare`; read by catflax.data.pipeline.from_config.
+    # Data order and augmentation are seeded by config.seed; the training batch per process
+    # is train.batch_size / process count.
+    config.data = ml_collections.ConfigDict()
+    config.data.data_dir = "~/tensorflow_datasets"  # TFDS data_dir of prepared data (or gs://)
+    # TFDS name[/config]:weight, ... (the reference: 80% OpenImages objects, 20% LAION pairs)
+    config.data.train_mixture = "openimages_inpaint:0.8,text_image_pairs:0.2"
+    config.data.train_split = "train"
+    config.data.eval_mixture = "openimages_inpaint"  # each read once, in order
+    config.data.eval_split = "validation"
+    config.data.resolution = 512  # VAE image side (image512); latents are resolution / 8
+    vision = config.model.clip_vision
+    config.data.clip_resolution = vision.get_ref("image_size")  # CLIP image side (image224)
+    config.data.patch_grid = vision.get_ref("image_size") // vision.get_ref("patch_size")  # mask16
+    config.data.eval_batch_size = 16  # per process
+    config.data.num_workers = 8  # grain worker processes per host (0 = in the trainer)
+    config.data.prefetch = 2  # batches each worker keeps ready
+    config.data.read_threads = 2  # decoding threads inside each worker
+    config.data.long_caption_prob = 0.2  # object examples that use their long caption, if any
+    config.data.dilate_prob = 0.5  # mask augmentation: dilate 5x5, else the filled box
+    config.data.eval_crop = False  # eval: plain resize (reference); True: crop around the mask
+    config.data.tokenize = True  # input_ids made in the workers (~0.1 ms an example)
     # ------------------------------------------------------------------ training (SPEC.md §5)
     config.stages = ("1a", "1b", "2a", "2b")  # run in this order; a finished stage is skipped
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 fills

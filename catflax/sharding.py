@@ -1,0 +1,144 @@
+"""The device mesh, logical axis names for every parameter, and the rules that map them to the mesh.
+
+Parameters get logical names from the type of the module that owns them (a Linear kernel is
+("linear_in", "linear_out"), a Conv kernel (None, None, "conv_in", "conv_out"), ...); one rules
+table, from config, maps logical names to mesh axes. A dimension whose size the mesh axis does not
+divide stays replicated, so every model shards on every mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both
+
+# Default rules: every matrix is split along its output side over fsdp and tensor together.
+# A value may be one mesh axis or a tuple of them. Splitting a kernel in two dimensions at once
+# ({in: fsdp, out: tensor}) gave wrong gradients on XLA:CPU with jax 0.10.2 (loss right, grads
+# off; see tests/test_train_steps.py), so the defaults stay one-dimensional until that is
+# verified on accelerators.
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "linear_in": None,
+    "linear_out": ("fsdp", "tensor"),
+    "conv_in": None,
+    "conv_out": ("fsdp", "tensor"),
+    "vocab": ("fsdp", "tensor"),
+    "embed": None,
+    "norm": None,
+    "bias": None,
+}
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Mesh axis sizes in MESH_AXES order; one size may be -1 to take the remaining devices."""
+    shape = [int(sizes.get(name, 1)) for name in MESH_AXES]
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices do not split into mesh {dict(sizes)}")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+            f"there are {num_devices}"
+        )
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes data, fsdp, tensor."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(sizes, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation, not explicit
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_axes(model: nnx.Module) -> dict[tuple, tuple[str | None, ...]]:
+    """Logical axis names of every nnx.Param of `model` (abstract or concrete), by owner type."""
+    owners = {path: type(m) for path, m in nnx.iter_modules(model)}
+    names = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        owner, leaf = owners.get(path[:-1], nnx.Module), path[-1]
+        ndim = len(var.get_value().shape)
+        if leaf == "kernel" and issubclass(owner, nnx.Linear):
+            axes = ("linear_in", "linear_out")
+        elif leaf == "kernel" and issubclass(owner, nnx.Conv):
+            axes = (None,) * (ndim - 2) + ("conv_in", "conv_out")
+        elif leaf == "embedding" and issubclass(owner, nnx.Embed):
+            axes = ("vocab", "embed")
+        elif leaf == "bias":
+            axes = ("bias",) * ndim
+        elif leaf == "scale":
+            axes = ("norm",) * ndim
+        else:  # free-standing tables (positions, class token, ...): shard the last dim like embed
+            axes = (None,) * (ndim - 1) + ("embed",) if ndim else ()
+        names[path] = axes
+    return names
+
+
+def partition_spec(
+    shape: Sequence[int], axes: Sequence[str | None], rules: Mapping[str, str | None], mesh: Mesh
+) -> PartitionSpec:
+    """The PartitionSpec for one array; a mesh axis is used once and only where it divides."""
+    used, spec = set(), []
+    for size, name in zip(shape, axes):
+        mesh_axes = rules.get(name) if name else None
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        # Keep the axes (in order) that are unused and still divide the dimension.
+        kept, split = [], 1
+        for axis in mesh_axes or ():
+            if axis not in used and size % (split * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                split *= mesh.shape[axis]
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(
+    model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] | None = None
+) -> dict[tuple, NamedSharding]:
+    """NamedSharding of every parameter path of `model` (use an `nnx.eval_shape` model)."""
+    rules = {**DEFAULT_RULES, **(rules or {})}
+    axes = logical_axes(model)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        spec = partition_spec(var.get_value().shape, axes[path], rules, mesh)
+        out[path] = NamedSharding(mesh, spec)
+    return out
+
+
+def state_shardings(state: nnx.State, shardings: Mapping[tuple, NamedSharding]) -> nnx.State:
+    """An nnx.State of NamedShardings matching `state` (a subset of the model's parameters)."""
+    flat = [(path, shardings[path]) for path, _ in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy arrays -> global jax arrays sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in local_batch.items()
+    }

@@ -1,0 +1,1 @@
+"""Training: state, the two jitted steps, the stage loop, checkpoints and metrics."""

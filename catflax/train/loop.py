@@ -1,0 +1,244 @@
+"""The stage loop: build the model into its shardings, resume, train, checkpoint, hand over.
+
+Resume order (each stage lives in WORKDIR/<stage>/):
+  1. WORKDIR/<stage>/final exists        -> the stage is done; skip it.
+  2. WORKDIR/<stage>/checkpoints has one -> restore state, data iterator and step; continue.
+  3. otherwise                           -> start: pretrained weights (config.weights), then the
+                                            final parameters of every earlier stage (the merge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from catflax import sharding as sharding_lib
+from catflax.models.cat import CATConfig, CATDiffusion
+from catflax.train import optim, stages
+from catflax.train.checkpoint import Checkpointer
+from catflax.train.metrics import MetricWriter
+from catflax.train.steps import StepConfig, create_state, jit_step, sharding_of
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# ============================================================================ model
+def abstract_model(config) -> CATDiffusion:
+    cat_cfg = CATConfig.from_dict(config.model)
+    return nnx.eval_shape(lambda: CATDiffusion(cat_cfg, rngs=nnx.Rngs(config.seed)))
+
+
+def init_params(config, mesh) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """Random parameters created directly in their shardings (nothing lands on one device)."""
+    cat_cfg = CATConfig.from_dict(config.model)
+    abstract = abstract_model(config)
+    shardings = sharding_lib.param_shardings(abstract, mesh, dict(config.sharding_rules))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    out = sharding_lib.state_shardings(abstract_params, shardings)
+    make = lambda: nnx.state(CATDiffusion(cat_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)  # noqa: E731
+    params = jax.jit(make, out_shardings=out)()
+    return graphdef, params, shardings
+
+
+def load_pretrained(config, params: nnx.State, shardings) -> list[str]:
+    """Replaces parts of `params` by the pretrained weights that config.weights names."""
+    from catflax.weights import pretrained
+
+    return pretrained.load_into(params, shardings, config)
+
+
+def final_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage, "final")
+
+
+def merge_earlier_stages(workdir: str, stage: str, params: nnx.State) -> list[str]:
+    """The reference's merge: each part comes from the latest earlier stage that trained it."""
+    order = list(stages.STAGE_ORDER)
+    taken = []
+    for part in ("inpainter", "unet"):
+        for earlier in reversed(order[: order.index(stage)]):
+            if part in stages.STAGES[earlier].trains and os.path.isdir(final_dir(workdir, earlier)):
+                restored = _restore_final(workdir, earlier, params)
+                if part in restored:
+                    params[part] = restored[part]
+                    taken.append(f"{part} from stage {earlier}")
+                    break
+    return taken
+
+
+def _restore_final(workdir: str, stage: str, like: nnx.State) -> nnx.State:
+    trained = stages.STAGES[stage].trains
+    target = nnx.State({p: like[p] for p in trained})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(os.path.join(final_dir(workdir, stage), "params")), abstract)
+
+
+def save_final(workdir: str, stage: str, params: nnx.State) -> None:
+    path = os.path.abspath(os.path.join(final_dir(workdir, stage), "params"))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+        ckptr.wait_until_finished()
+
+
+# ============================================================================ stage
+@dataclasses.dataclass
+class StageResult:
+    stage: str
+    steps: int
+    losses: list[float]  # per step, in order (for reports and tests)
+    skipped: bool = False
+
+
+def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResult:
+    """Trains one stage to its configured number of steps, resuming where it stopped."""
+    spec = stages.stage_spec(stage)
+    scfg = config[f"stage_{stage}"]
+    stage_dir = os.path.join(workdir, stage)
+    if os.path.isdir(final_dir(workdir, stage)):
+        logging.info("stage %s already finished; skipping", stage)
+        return StageResult(stage, 0, [], skipped=True)
+
+    # ---------------------------------------------------------------- parameters
+    graphdef, params, shardings = init_params(config, mesh)
+    notes = load_pretrained(config, params, shardings) + merge_earlier_stages(workdir, stage, params)
+    for note in notes:
+        logging.info("stage %s: %s", stage, note)
+    model = nnx.merge(graphdef, params)
+    graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
+
+    opt_cfg = optim.OptimizerConfig(
+        lr_fast=scfg.lr_fast, lr_slow=scfg.lr_slow, warmup_steps=scfg.warmup_steps,
+        weight_decay=config.optimizer.weight_decay, grad_clip_norm=config.optimizer.grad_clip_norm,
+    )  # fmt: skip
+    tx = optim.make_optimizer(opt_cfg, trainable)
+    step_cfg = StepConfig(
+        kind=spec.step, tokens=spec.tokens, cond_dropout=config.train.cond_dropout,
+        masked_numerator=scfg.get("masked_numerator", False), ema_decay=config.train.ema_decay,
+    )  # fmt: skip
+    rng = jax.random.fold_in(jax.random.key(config.seed), stages.STAGE_ORDER.index(stage))
+    state = jax.jit(lambda p, r: create_state(p, tx, r, config.train.ema_decay > 0))(trainable, rng)
+
+    # ---------------------------------------------------------------- data and resume
+    data_iter = data_factory(stage)
+    ckpt = Checkpointer(os.path.join(os.path.abspath(stage_dir), "checkpoints"),
+                        keep=config.train.keep_checkpoints)  # fmt: skip
+    start_step, restored = ckpt.restore(state, data_iter.checkpointable())
+    if restored is not None:
+        state = restored
+        logging.info("stage %s: resumed at step %d", stage, start_step)
+    start_step = start_step or 0
+
+    # ---------------------------------------------------------------- compile
+    batch = data_iter.next_global(mesh)
+    state_sh, frozen_sh = sharding_of(state), sharding_of(frozen)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    step_fn = jit_step(graphdef, tx, step_cfg, state_sh, frozen_sh, batch_sh)
+    compiled = step_fn.lower(state, frozen, batch).compile()
+    flops = _flops(compiled)
+    logging.info("stage %s: compiled step, %.3g GFLOP/step, memory %s", stage, flops / 1e9,
+                 _memory(compiled))  # fmt: skip
+
+    # ---------------------------------------------------------------- loop
+    writer = MetricWriter(os.path.join(stage_dir, "tensorboard"), scfg.steps, stage)
+    stop = _PreemptionFlag()
+    losses: list[float] = []
+    pending = None  # (step, metrics) fetched one step late
+    last_time = time.time()
+    global_batch = batch[next(iter(batch))].shape[0]
+    step = start_step
+    while step < scfg.steps:
+        state, metrics = compiled(state, frozen, batch)
+        step += 1
+        if pending is not None:
+            losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+            last_time = time.time()
+        pending = (step, metrics, data_iter.skipped())
+        if step % config.train.checkpoint_every == 0 or step == scfg.steps or stop.requested:
+            losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+            pending = None
+            ckpt.save(step, state, data_iter.checkpointable(), config)
+        if stop.requested:
+            ckpt.wait()
+            logging.warning("stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step)
+            raise SystemExit(0)
+        if step < scfg.steps:
+            batch = data_iter.next_global(mesh)
+    if pending is not None:
+        losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+    ckpt.wait()
+    ckpt.close()
+    final = state.params if state.ema is None or not config.train.export_ema else state.ema
+    save_final(workdir, stage, final)
+    writer.close()
+    stop.restore()
+    return StageResult(stage, step - start_step, losses)
+
+
+def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[float]:
+    step, metrics, skipped = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(values["loss"]):
+        raise NonFiniteLossError(
+            f"loss is {values['loss']} at step {step}; stopping (the last good checkpoint is kept)"
+        )
+    dt = max(time.time() - since, 1e-9)
+    values.update(
+        step_time_s=dt, examples_per_s=global_batch / dt, skipped_examples=float(skipped),
+        lr_fast=scfg.lr_fast * min(1.0, step / max(scfg.warmup_steps, 1)),
+        lr_slow=scfg.lr_slow * min(1.0, step / max(scfg.warmup_steps, 1)),
+        mfu=flops / dt / (config.train.peak_flops_per_device * jax.device_count()),
+    )  # fmt: skip
+    if step % config.train.log_every == 0 or step == scfg.steps:
+        writer.scalars(step, values)
+    return [values["loss"]]
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def _memory(compiled) -> str:
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        return f"{total / 2**30:.2f} GiB per device"
+    except Exception:  # not every backend reports it
+        return "n/a"
+
+
+class _PreemptionFlag:
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def param_count(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def zeros_like_state(tree):
+    return jax.tree.map(jnp.zeros_like, tree)

@@ -1,0 +1,130 @@
+"""The two pure training steps: `distill_step` (stage 1a) and `denoise_step` (1b, 2a, 2b).
+
+Each takes the train state (trainable parameters, optimiser state, EMA, rng), the frozen
+parameters and a global batch, merges them into a CATDiffusion inside the step, and returns the
+new state and on-device metrics. Jit them with `jit_step` (explicit shardings, state donated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from catflax import diffusion
+from catflax.models import inpainter as inpainter_lib
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # the stage's trainable parameters
+    opt_state: optax.OptState
+    ema: nnx.State | None  # EMA of `params`, when enabled
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a step computes, beside the model itself."""
+
+    kind: str  # "distill" | "denoise"
+    tokens: str = "none"  # semantic tokens for the UNet: "teacher" | "inpainter"
+    cond_dropout: float = 0.1  # p of dropping prompt and tokens for the whole batch
+    masked_numerator: bool = False  # distillation loss on masked patches only (paper variant)
+    ema_decay: float = 0.0  # 0 = no EMA
+
+
+def create_state(params: nnx.State, tx: optax.GradientTransformation, rng, ema: bool):
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema=jax.tree.map(jnp.copy, params) if ema else None,
+        rng=rng,
+    )
+
+
+def distill_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
+    """SPEC.md §5 distillation: inpainter(masked features) vs teacher features of the image."""
+    del rng
+    masked_last, masked_pooled = model.teacher(batch["masked224"])
+    target_last, target_pooled = model.teacher(batch["image224"])
+    _, label = model.encode_text(batch["input_ids"])
+    out = model.inpainter(masked_last, batch["mask16"], label, masked_pooled)
+    return inpainter_lib.distillation_loss(
+        out, target_last, target_pooled, batch["mask16"], masked_only=cfg.masked_numerator
+    )
+
+
+def denoise_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
+    """SPEC.md §5 diffusion loss: epsilon MSE with whole-batch conditioning dropout."""
+    k_latent, k_masked, k_t, k_noise, k_drop = jax.random.split(rng, 5)
+    latents = model.encode_latents(batch["image512"], k_latent)
+    masked_latents = model.encode_latents(batch["masked512"], k_masked)
+    B = latents.shape[0]
+    t = diffusion.sample_timesteps(k_t, B)
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    noisy = diffusion.q_sample(latents, t, noise)
+
+    drop = jax.random.uniform(k_drop) < cfg.cond_dropout
+    ids = jnp.where(drop, batch["empty_ids"], batch["input_ids"])
+    context, label = model.encode_text(ids)
+    tokens = model.semantic_tokens(cfg.tokens, batch, label)
+    tokens = jnp.where(drop, jnp.zeros_like(tokens), tokens)
+    eps = model.predict_noise(noisy, t, batch["mask64"], masked_latents, context, tokens)
+    loss = diffusion.epsilon_loss(eps, noise)
+    return loss, {"denoise_loss": loss, "cond_dropped": drop.astype(jnp.float32)}
+
+
+LOSSES = {"distill": distill_loss, "denoise": denoise_loss}
+
+
+def train_step(
+    state: TrainState,
+    frozen: nnx.State,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step of the stage's loss; frozen parameters get no gradient."""
+    rng, step_rng = jax.random.split(state.rng)
+    step_rng = jax.random.fold_in(step_rng, state.step)
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, frozen)
+        return LOSSES[cfg.kind](model, batch, cfg, step_rng)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+        d = cfg.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    new_state = TrainState(state.step + 1, params, opt_state, ema, rng)
+    return new_state, metrics
+
+
+def jit_step(graphdef, tx, cfg: StepConfig, state_sharding, frozen_sharding, batch_sharding):
+    """`train_step` jitted with explicit in/out shardings and the train state donated."""
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg)
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=(0,),
+    )
+
+
+def sharding_of(tree: Any) -> Any:
+    """The shardings of a tree of arrays (for in/out shardings that keep a layout)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
