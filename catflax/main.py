@@ -19,37 +19,42 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def build_towers(config, abstract: bool = False):
-    """The frozen CLIP towers the config describes (loaded when it names weights)."""
-    from flax import nnx
+PARTS = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
 
-    from catflax.models import clip
 
-    text_cfg = clip.CLIPTextConfig(**config.model.clip_text)
-    vision_cfg = clip.CLIPVisionConfig(**config.model.clip_vision)
-    if config.weights.clip and not abstract:
-        text = clip.CLIPTextModel.from_pretrained(
-            config.weights.clip, dtype=text_cfg.dtype, param_dtype=text_cfg.param_dtype
-        )
-        vision = clip.CLIPVisionModel.from_pretrained(
-            config.weights.clip, dtype=vision_cfg.dtype, param_dtype=vision_cfg.param_dtype
-        )
-        return text, vision
-    make = nnx.eval_shape if abstract else (lambda f: f())
-    rngs = lambda: nnx.Rngs(config.seed)  # noqa: E731
-    text = make(lambda: clip.CLIPTextModel(text_cfg, rngs=rngs()))
-    vision = make(lambda: clip.CLIPVisionModel(vision_cfg, rngs=rngs()))
-    return text, vision
+def report_sizes(config) -> dict[str, int]:
+    """Prints the parameter count of every part, from an abstract model (nothing allocated)."""
+    from catflax.models.unet import adapter_param_count
+    from catflax.train.loop import abstract_model
+    from catflax.weights.convert import count_params
+
+    model, counts = abstract_model(config), {}
+    for part in PARTS:
+        module = getattr(model, part)
+        counts[part] = count_params(module)
+        extra = ""
+        if part == "unet" and module.config.ref_adapter:
+            extra = f" (reference adapter {adapter_param_count(module):,})"
+        print(f"{part}: {counts[part]:,} parameters{extra}  {dataclasses.asdict(module.config)}")
+    return counts
 
 
 def train_and_evaluate(config, workdir: str) -> None:
-    """Runs what the config asks for. For now: build the frozen towers and report their sizes."""
-    from catflax.weights.convert import count_params
+    """Runs the configured training stages in order, each resuming where it stopped."""
+    from catflax import distributed, sharding
+    from catflax.data.feed import Feed
+    from catflax.train.loop import run_stage
 
-    text, vision = build_towers(config, abstract=config.dry_run)
-    for name, model in (("clip_text", text), ("clip_vision", vision)):
-        sizes = dataclasses.asdict(model.config)
-        print(f"{name}: {count_params(model):,} parameters  {sizes}")
+    report_sizes(config)
+    if config.dry_run:
+        return
+    mesh = sharding.make_mesh(dict(config.mesh))
+    distributed.log_mesh(mesh)
+    for stage in config.stages:
+        result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config))
+        if not result.skipped:
+            logging.info("stage %s: %d steps, loss %.4f -> %.4f", stage, result.steps,
+                         result.losses[0], result.losses[-1])  # fmt: skip
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -67,15 +72,23 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from catflax import distributed
+
+    distributed.initialize_distributed()  # before anything else touches devices
     config = _CONFIG.value
     workdir = _WORKDIR.value
     if not workdir.startswith("gs://"):
         os.makedirs(workdir, exist_ok=True)
+    if not config.data.data_dir:  # generated data (the demo) lives in the workdir
+        with config.unlocked():
+            config.data.data_dir = os.path.join(workdir, "data")
     logging.info("config:\n%s", config)
+    from catflax.models.cat import ConfigError
+
     try:
         train_and_evaluate(config, workdir)
-    except TypeError as e:  # a typed module config got a field it does not have
-        raise app.UsageError(f"bad model config: {e}") from e
+    except ConfigError as e:  # a typed module config got a field it does not have
+        sys.exit(f"catflax: bad config: {e}")
 
 
 if __name__ == "__main__":

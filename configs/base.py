@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     # SD-1.5-inpainting: a diffusers pipeline directory (unet/, vae/) or an LDM single file
     # (.safetensors; "" = random init). The adapter is not in it and starts fresh.
     config.weights.sd = ""
+    # An official CAT-Diffusion checkpoint (every part; e.g. to fine-tune it); "" = none.
+    config.weights.cat = ""
+    config.weights.allow_pickle = False  # True: .ckpt/.bin pickles may load (torch needed)
     # ------------------------------------------------------------------ data (SPEC.md §4)
     # Built with `python -m catflax.data.prepare`; read by catflax.data.pipeline.from_config.
     # Data order and augmentation are seeded by config.seed; the training batch per process

@@ -18,6 +18,10 @@ from catflax.models.vae import AutoencoderKL, VAEConfig
 from catflax.preprocess import clip_normalize
 
 
+class ConfigError(ValueError):
+    """config.model does not describe a valid model."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CATConfig:
     clip_text: CLIPTextConfig = CLIPTextConfig()
@@ -32,7 +36,7 @@ class CATConfig:
         parts = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(d) - set(parts)
         if unknown:
-            raise ValueError(f"config.model has unknown parts {sorted(unknown)}; known: {list(parts)}")
+            raise ConfigError(f"config.model has unknown parts {sorted(unknown)}; known: {list(parts)}")
         types = dict(
             clip_text=CLIPTextConfig, clip_vision=CLIPVisionConfig, vae=VAEConfig,
             unet=UNetConfig, inpainter=InpainterConfig,
@@ -41,8 +45,8 @@ class CATConfig:
         for name, value in d.items():
             try:
                 kwargs[name] = types[name](**dict(value))
-            except TypeError as e:
-                raise ValueError(f"config.model.{name}: {e}") from e
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config.model.{name}: {e}") from e
         return cls(**kwargs)
 
 
