@@ -1,14 +1,23 @@
-"""Pieces shared by the towers: activations and multi-head attention kernels."""
+"""Pieces shared by the towers: activations, attention kernels and modules, PyTorch-default inits.
+
+Module and parameter names follow diffusers (`to_q`, `to_out.0`, `ff.net.0.proj`) so that
+`catflax.weights.convert.torch_names` gives diffusers' state-dict names directly.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
+# What jax.nn.dot_product_attention puts on disallowed logits (a fully masked row stays finite).
+_MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -32,6 +41,11 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[name]
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention kernels
+# ---------------------------------------------------------------------------------------------
+
+
 def dot_product_attention(
     query_BTNH: jax.Array,
     key_BSNH: jax.Array,
@@ -41,12 +55,13 @@ def dot_product_attention(
     is_causal: bool = False,
     implementation: str = "xla",
     query_chunk_size: int = 1024,
+    key_chunk_size: int = 4096,
 ) -> jax.Array:
-    """Softmax attention; `mask` (bool, broadcastable to B,N,T,S) is True where attention is allowed.
+    """Softmax attention; `mask` (bool, broadcastable to B,N,T,S) is True where allowed.
 
     `xla` and `cudnn` go through `jax.nn.dot_product_attention` (cuDNN flash attention needs a GPU
-    and fp16/bf16 inputs); `chunked` processes queries in chunks so the score matrix never
-    exceeds chunk x S, for long sequences on CPU/TPU.
+    and fp16/bf16 inputs); `chunked` works on query chunks and, within each, on key/value chunks
+    with an online softmax, so no score block exceeds query_chunk x key_chunk (CPU/TPU, long S).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -54,7 +69,7 @@ def dot_product_attention(
         )
     if implementation == "chunked":
         return _chunked_attention(
-            query_BTNH, key_BSNH, value_BSNH, mask, is_causal, query_chunk_size
+            query_BTNH, key_BSNH, value_BSNH, mask, is_causal, query_chunk_size, key_chunk_size
         )
     return jax.nn.dot_product_attention(
         query_BTNH,
@@ -66,37 +81,198 @@ def dot_product_attention(
     )
 
 
-def _chunked_attention(q, k, v, mask, is_causal, chunk):
-    """Attention over query chunks with lax.map: memory O(chunk * S) instead of O(T * S)."""
+def _chunked_attention(q, k, v, mask, is_causal, q_chunk, kv_chunk):
+    """Flash-style attention in pure JAX: lax.map over query chunks, lax.scan over key chunks."""
     B, T, N, H = q.shape
     S = k.shape[1]
-    if T <= chunk:
+    if T <= q_chunk and S <= kv_chunk:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    pad = (-T) % chunk
-    q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    n_chunks = (T + pad) // chunk
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (B, N, T, S))
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-    scale = 1.0 / jnp.sqrt(jnp.asarray(H, jnp.float32))
+    q_chunk, kv_chunk = min(q_chunk, T), min(kv_chunk, S)
+    t_pad, s_pad = (-T) % q_chunk, (-S) % kv_chunk
+    n_q, n_kv = (T + t_pad) // q_chunk, (S + s_pad) // kv_chunk
+    q = jnp.pad(q, ((0, 0), (0, t_pad), (0, 0), (0, 0)))
+    k_chunks = jnp.pad(k, ((0, 0), (0, s_pad), (0, 0), (0, 0))).reshape(B, n_kv, kv_chunk, N, H)
+    v_chunks = jnp.pad(v, ((0, 0), (0, s_pad), (0, 0), (0, 0))).reshape(B, n_kv, kv_chunk, N, H)
+    if mask is not None:  # keep size-1 axes size 1; only T and S are sliced per chunk
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        t_rows = t_pad if mask.shape[2] > 1 else 0
+        s_cols = s_pad if mask.shape[3] > 1 else 0
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, t_rows), (0, s_cols)))
+    scale = 1.0 / math.sqrt(H)
 
-    def one_chunk(i):
-        start = i * chunk
-        q_c = jax.lax.dynamic_slice_in_dim(q_pad, start, chunk, axis=1)
-        logits = jnp.einsum("btnh,bsnh->bnts", q_c, k, preferred_element_type=jnp.float32)
-        logits = logits * scale
-        allowed = None
-        if mask is not None:
-            allowed = jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2)
-        if is_causal:
-            rows = start + jnp.arange(chunk)[:, None]
-            causal = rows >= jnp.arange(S)[None, :]
-            allowed = causal if allowed is None else allowed & causal
-        if allowed is not None:
-            logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    def one_query_chunk(i):
+        q_c = jax.lax.dynamic_slice_in_dim(q, i * q_chunk, q_chunk, axis=1)
+        rows = i * q_chunk + jnp.arange(q_chunk)
 
-    out = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # (chunks, B, chunk, N, H)
-    out = jnp.moveaxis(out, 0, 1).reshape(B, n_chunks * chunk, N, H)
-    return out[:, :T]
+        def one_key_chunk(carry, j):
+            m, l, acc = carry  # running max and sum (B,N,tq), weighted values (B,tq,N,H), f32
+            logits = (
+                jnp.einsum(
+                    "btnh,bsnh->bnts", q_c, k_chunks[:, j], preferred_element_type=jnp.float32
+                )
+                * scale
+            )
+            cols = j * kv_chunk + jnp.arange(kv_chunk)
+            if mask is not None:
+                m_c = mask
+                if m_c.shape[2] > 1:
+                    m_c = jax.lax.dynamic_slice_in_dim(m_c, i * q_chunk, q_chunk, axis=2)
+                if m_c.shape[3] > 1:
+                    m_c = jax.lax.dynamic_slice_in_dim(m_c, j * kv_chunk, kv_chunk, axis=3)
+                logits = jnp.where(m_c, logits, _MASKED_LOGIT)
+            if is_causal:
+                logits = jnp.where(rows[:, None] >= cols[None, :], logits, _MASKED_LOGIT)
+            logits = jnp.where(cols < S, logits, -jnp.inf)  # padding keys count for nothing
+            m_new = jnp.maximum(m, logits.max(-1))
+            p = jnp.exp(logits - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            l = l * correction + p.sum(-1)
+            pv = jnp.einsum(
+                "bnts,bsnh->btnh", p.astype(v.dtype), v_chunks[:, j],
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
+            acc = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
+            return (m_new, l, acc), None
+
+        init = (
+            jnp.full((B, N, q_chunk), -jnp.inf, jnp.float32),
+            jnp.zeros((B, N, q_chunk), jnp.float32),
+            jnp.zeros((B, q_chunk, N, H), jnp.float32),
+        )
+        (_, l, acc), _ = jax.lax.scan(one_key_chunk, init, jnp.arange(n_kv))
+        return (acc / jnp.moveaxis(l, 1, 2)[..., None]).astype(v.dtype)
+
+    # Recompute each chunk in the backward pass, so its memory stays O(q_chunk * S).
+    out = jax.lax.map(jax.checkpoint(one_query_chunk), jnp.arange(n_q))  # (n_q, B, tq, N, H)
+    return jnp.moveaxis(out, 0, 1).reshape(B, n_q * q_chunk, N, H)[:, :T]
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch default initialisation
+# ---------------------------------------------------------------------------------------------
+# nn.Linear and nn.Conv2d draw weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+# (kaiming_uniform with a=sqrt(5)); nn.LayerNorm / nn.GroupNorm start at weight 1, bias 0, which
+# are nnx's norm defaults. The reference adapter is new in CAT-Diffusion and starts this way.
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_linear(
+    in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs, **dtypes
+) -> nnx.Linear:
+    """nnx.Linear initialised like PyTorch's nn.Linear."""
+    init = _uniform(1.0 / math.sqrt(in_features))
+    return nnx.Linear(
+        in_features, out_features, use_bias=use_bias, kernel_init=init, bias_init=init,
+        rngs=rngs, **dtypes,
+    )  # fmt: skip
+
+
+def torch_conv(
+    in_channels: int, out_channels: int, kernel: int, *, stride: int = 1, padding: Any = None,
+    use_bias: bool = True, rngs: nnx.Rngs, **dtypes,
+) -> nnx.Conv:  # fmt: skip
+    """A 2-D nnx.Conv (NHWC) initialised like PyTorch's nn.Conv2d; default padding keeps size."""
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    init = _uniform(1.0 / math.sqrt(in_channels * kernel * kernel))
+    return nnx.Conv(
+        in_channels, out_channels, (kernel, kernel), strides=stride, padding=padding,
+        use_bias=use_bias, kernel_init=init, bias_init=init, rngs=rngs, **dtypes,
+    )  # fmt: skip
+
+
+def group_norm(
+    channels: int, groups: int, eps: float, *, rngs: nnx.Rngs, **dtypes
+) -> nnx.GroupNorm:
+    """GroupNorm over NHWC (or N,L,C) with PyTorch's two-pass variance."""
+    return nnx.GroupNorm(
+        channels, num_groups=groups, epsilon=eps, use_fast_variance=False, rngs=rngs, **dtypes
+    )
+
+
+def layer_norm(width: int, eps: float, *, rngs: nnx.Rngs, **dtypes) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=eps, use_fast_variance=False, rngs=rngs, **dtypes)
+
+
+def dtypes_of(cfg) -> dict[str, Any]:
+    """The module dtype arguments of a config with `dtype` (compute) and `param_dtype` fields."""
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def call_maybe_remat(remat: bool, module: nnx.Module, *args) -> Any:
+    """module(*args), recomputed in the backward pass when `remat` (activation checkpointing)."""
+    if remat:
+        return nnx.remat(lambda m, *a: m(*a))(module, *args)
+    return module(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class Identity(nnx.Module):
+    """A parameter-free placeholder (diffusers' Dropout slots), so list indices match."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class Attention(nnx.Module):
+    """Multi-head (cross-)attention as diffusers' `Attention`: to_q/to_k/to_v, then to_out.0."""
+
+    def __init__(
+        self, query_dim: int, context_dim: int | None, num_heads: int, head_dim: int, *,
+        qkv_bias: bool = False, implementation: str = "xla", rngs: nnx.Rngs, **dtypes,
+    ):  # fmt: skip
+        inner = num_heads * head_dim
+        context_dim = context_dim or query_dim
+        self.num_heads, self.head_dim, self.implementation = num_heads, head_dim, implementation
+        self.to_q = torch_linear(query_dim, inner, use_bias=qkv_bias, rngs=rngs, **dtypes)
+        self.to_k = torch_linear(context_dim, inner, use_bias=qkv_bias, rngs=rngs, **dtypes)
+        self.to_v = torch_linear(context_dim, inner, use_bias=qkv_bias, rngs=rngs, **dtypes)
+        self.to_out = nnx.List([torch_linear(inner, query_dim, rngs=rngs, **dtypes)])
+
+    def __call__(self, x_BTD: jax.Array, context_BSC: jax.Array | None = None) -> jax.Array:
+        context_BSC = x_BTD if context_BSC is None else context_BSC
+        B, T, _ = x_BTD.shape
+        heads = lambda t: t.reshape(B, t.shape[1], self.num_heads, self.head_dim)  # noqa: E731
+        out_BTNH = dot_product_attention(
+            heads(self.to_q(x_BTD)),
+            heads(self.to_k(context_BSC)),
+            heads(self.to_v(context_BSC)),
+            implementation=self.implementation,
+        )
+        return self.to_out[0](out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class GEGLU(nnx.Module):
+    """proj to 2x width, split into (hidden, gate), hidden * gelu(gate) (exact gelu)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, rngs: nnx.Rngs, **dtypes):
+        self.proj = torch_linear(dim_in, 2 * dim_out, rngs=rngs, **dtypes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """diffusers' FeedForward with GEGLU: net.0 (GEGLU), net.1 (dropout), net.2 (Linear)."""
+
+    def __init__(self, dim: int, mult: int = 4, *, rngs: nnx.Rngs, **dtypes):
+        inner = dim * mult
+        geglu = GEGLU(dim, inner, rngs=rngs, **dtypes)
+        self.net = nnx.List([geglu, Identity(), torch_linear(inner, dim, rngs=rngs, **dtypes)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.net:
+            x = layer(x)
+        return x

@@ -1,0 +1,114 @@
+"""Attention kernels: the chunked (online-softmax) path equals XLA's; cuDNN where a GPU exists."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from catflax.models import layers
+
+
+def qkv(seed=0, B=2, T=37, S=53, N=3, H=8, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(k1, (B, T, N, H), dtype),
+        jax.random.normal(k2, (B, S, N, H), dtype),
+        jax.random.normal(k3, (B, S, N, H), dtype),
+    )
+
+
+def chunked(q, k, v, **kw):
+    return layers.dot_product_attention(
+        q, k, v, implementation="chunked", query_chunk_size=8, key_chunk_size=16, **kw
+    )
+
+
+def test_chunked_equals_xla_with_masks_and_causal():
+    q, k, v = qkv()
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    rng = np.random.default_rng(0)
+    full_mask = rng.random((B, N, T, S)) > 0.3
+    full_mask[0, 1, 5] = False  # a fully masked row: both give the mean of the values
+    padding_mask = np.arange(S)[None, None, None, :] < np.array([40, 17])[:, None, None, None]
+    cases = [
+        dict(),
+        dict(mask=jnp.asarray(full_mask)),
+        dict(mask=jnp.asarray(padding_mask)),  # (B,1,1,S): broadcast over heads and queries
+        dict(mask=jnp.asarray(full_mask[:, :1])),  # (B,1,T,S)
+    ]
+    for kw in cases:
+        ref = layers.dot_product_attention(q, k, v, implementation="xla", **kw)
+        np.testing.assert_allclose(chunked(q, k, v, **kw), ref, atol=1e-5, rtol=1e-5)
+    q, k, v = qkv(1, T=45, S=45)  # causal needs T == S for the XLA reference
+    ref = layers.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(chunked(q, k, v, is_causal=True), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_matches_torch_sdpa():
+    q, k, v = qkv(2, T=50, S=70)
+    to_torch = lambda x: torch.from_numpy(np.array(x)).transpose(1, 2)  # noqa: E731  B,N,T,H
+    ref = torch.nn.functional.scaled_dot_product_attention(to_torch(q), to_torch(k), to_torch(v))
+    np.testing.assert_allclose(chunked(q, k, v), ref.transpose(1, 2).numpy(), atol=1e-5)
+
+
+def test_chunked_gradients_equal_xla():
+    q, k, v = qkv(3, T=20, S=33)
+
+    def loss(impl):
+        def f(q, k, v):
+            if impl == "xla":
+                out = layers.dot_product_attention(q, k, v)
+            else:
+                out = chunked(q, k, v)
+            return jnp.sum(jnp.sin(out))
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    for g_chunked, g_xla in zip(loss("chunked"), loss("xla")):
+        np.testing.assert_allclose(g_chunked, g_xla, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_in_bfloat16_is_close_to_float32():
+    q, k, v = qkv(4, T=40, S=40)
+    ref = layers.dot_product_attention(q, k, v)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = chunked(*bf)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)
+
+
+def test_attention_module_implementations_agree():
+    dt = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    make = lambda impl: layers.Attention(  # noqa: E731
+        16, 12, 2, 8, implementation=impl, rngs=nnx.Rngs(0), **dt
+    )
+    x = jax.random.normal(jax.random.key(0), (2, 70, 16))
+    context = jax.random.normal(jax.random.key(1), (2, 9, 12))
+    ref = make("xla")(x, context)
+    # a module with the same seed has the same weights; chunk sizes are the defaults here
+    np.testing.assert_allclose(make("chunked")(x, context), ref, atol=1e-5)
+    out = layers.dot_product_attention(
+        *[jax.random.normal(jax.random.key(i), (1, 2000, 1, 4)) for i in range(3)],
+        implementation="chunked",
+    )  # longer than one default query chunk
+    assert out.shape == (1, 2000, 1, 4) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_unknown_implementation_is_an_error():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="flash"):
+        layers.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason=f"cuDNN attention needs a CUDA GPU; the jax backend here is {jax.default_backend()}",
+)
+def test_cudnn_equals_xla_on_gpu():  # pragma: no cover - only on GPU machines
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(5, T=64, S=64, H=64))
+    ref = layers.dot_product_attention(q, k, v, implementation="xla")
+    out = layers.dot_product_attention(q, k, v, implementation="cudnn")
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
