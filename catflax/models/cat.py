@@ -1,4 +1,4 @@
-"""CATDiffusion: the frozen CLIP towers and VAE, the semantic inpainter and the UNet, wired (SPEC.md)."""
+"""CATDiffusion: frozen CLIP towers, VAE, semantic inpainter and UNet, wired as SPEC.md says."""
 
 from __future__ import annotations
 
@@ -24,23 +24,26 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CATConfig:
-    clip_text: CLIPTextConfig = CLIPTextConfig()
-    clip_vision: CLIPVisionConfig = CLIPVisionConfig()
-    vae: VAEConfig = VAEConfig()
-    unet: UNetConfig = UNetConfig()
-    inpainter: InpainterConfig = InpainterConfig()
+    """Every part's config; defaults are the full model of SPEC.md §1."""
+
+    clip_text: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
+    clip_vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
+    vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
+    unet: UNetConfig = dataclasses.field(default_factory=UNetConfig)
+    inpainter: InpainterConfig = dataclasses.field(default_factory=InpainterConfig)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, Any]]) -> CATConfig:
         """From `config.model` (one dict of fields per part); unknown fields are errors."""
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(d) - set(parts)
-        if unknown:
-            raise ConfigError(f"config.model has unknown parts {sorted(unknown)}; known: {list(parts)}")
         types = dict(
             clip_text=CLIPTextConfig, clip_vision=CLIPVisionConfig, vae=VAEConfig,
             unet=UNetConfig, inpainter=InpainterConfig,
         )  # fmt: skip
+        unknown = set(d) - set(types)
+        if unknown:
+            raise ConfigError(
+                f"config.model has unknown parts {sorted(unknown)}; known: {list(types)}"
+            )
         kwargs = {}
         for name, value in d.items():
             try:

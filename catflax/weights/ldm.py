@@ -198,8 +198,9 @@ def load_vae(
     state = _component_state(state, prefix, naming)
     if naming == "diffusers":
         state, rename = rename_deprecated_attention(state), None
-    else:
-        state = {k: _squeeze_attention(k, v) for k, v in state.items()}
+    else:  # training-time VAE files also hold the LPIPS/discriminator loss (`loss.*`)
+        state = {k: _squeeze_attention(k, v) for k, v in state.items()
+                 if not k.startswith(prefix + "loss.")}  # fmt: skip
         rename = _prefixed(lambda k: vae_ldm_name(k, cfg), prefix)
     return AutoencoderKL.from_state_dict(cfg, state, source_name=name, rename=rename, place=place)
 
