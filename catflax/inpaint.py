@@ -1,0 +1,198 @@
+r"""Inpaint images from the command line: image + mask (white = repaint) + prompt -> image.
+
+    python -m catflax.inpaint --weights=PIPELINE_DIR --image=in.jpg --mask=mask.png \
+        --prompt="a red ball" --out=out.png
+    python -m catflax.inpaint --weights=cat.safetensors --clip=clip-vit-large-patch14 ...
+    python -m catflax.inpaint --weights=PIPELINE_DIR --batch=jobs.jsonl --out_dir=results/
+
+`--weights` is a catflax export directory or an official CAT-Diffusion checkpoint file (then
+`--clip` names a transformers CLIP directory for the tokenizer). Any input size works: the model
+sees the image resized to its resolution, and the result is resized back. `--batch` reads one
+JSON object per line, {"image": ..., "mask": ..., "prompt": ..., "out": optional}; relative
+image and mask paths are relative to the JSONL file, `out` to `--out_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from absl import app, flags
+
+
+@dataclasses.dataclass
+class Job:
+    image: str
+    mask: str
+    prompt: str
+    out: str
+    seed: int
+
+
+@dataclasses.dataclass
+class Options:
+    weights: str
+    image: str | None = None
+    mask: str | None = None
+    prompt: str | None = None
+    out: str | None = None
+    batch: str | None = None
+    out_dir: str | None = None
+    clip: str | None = None
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    eta: float | None = None
+    seed: int = 0
+    paste_back: bool = True
+    feather: float = 0.0
+    batch_size: int = 1
+    dtype: str = "float32"
+    resolution: int | None = None
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_flags(cls, fv: flags.FlagValues) -> Options:
+        return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
+
+
+_FLAGS = (  # (define, name, default, help)
+    (flags.DEFINE_string, "weights", None, "catflax export directory or CAT checkpoint file"),
+    (flags.DEFINE_string, "clip", None, "transformers CLIP directory (tokenizer, missing towers)"),
+    (flags.DEFINE_string, "image", None, "input image (any size; non-RGB is converted)"),
+    (flags.DEFINE_string, "mask", None, "mask image: white = repaint"),
+    (flags.DEFINE_string, "prompt", None, "what to paint in the mask"),
+    (flags.DEFINE_string, "out", None, "output image path (.png keeps pixels exact)"),
+    (flags.DEFINE_string, "batch", None, "JSONL of {image, mask, prompt, out?} lines"),
+    (flags.DEFINE_string, "out_dir", None, "output directory for --batch"),
+    (flags.DEFINE_integer, "num_steps", None, "DDIM steps (default: the pipeline's, 50)"),
+    (flags.DEFINE_float, "guidance_scale", None, "classifier-free guidance (default 7.5)"),
+    (flags.DEFINE_float, "eta", None, "DDIM eta (default 0: deterministic)"),
+    (flags.DEFINE_integer, "seed", 0, "noise seed (--batch: line i uses seed + i)"),
+    (flags.DEFINE_bool, "paste_back", True, "keep pixels outside the mask exactly the input's"),
+    (flags.DEFINE_float, "feather", 0.0, "blur the paste-back edge over this many pixels"),
+    (flags.DEFINE_integer, "batch_size", 1, "examples per model call in --batch mode"),
+    (flags.DEFINE_string, "dtype", "float32", "compute dtype: float32 or bfloat16"),
+    (flags.DEFINE_integer, "resolution", None, "model image side (default: the pipeline's)"),
+    (flags.DEFINE_bool, "allow_pickle", False, "allow a pickled .ckpt checkpoint (runs code)"),
+)
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The command's flags (on `fv`; a private FlagValues keeps tests apart from other CLIs)."""
+    for define, name, default, help_ in _FLAGS:
+        define(name, default, help_, flag_values=fv)
+
+
+def parse(argv: Sequence[str]) -> Options:
+    """Options from command-line arguments (without the program name)."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["inpaint", *argv])
+    return Options.from_flags(fv)
+
+
+def jobs_from_options(opts: Options) -> list[Job]:
+    """The work to do; every input file is checked to exist first (errors name the file)."""
+    if opts.weights is None:
+        raise ValueError("--weights is required (a catflax export directory or checkpoint file)")
+    if opts.batch:
+        if opts.image or opts.mask or opts.out:
+            raise ValueError("--batch replaces --image/--mask/--out; use --out_dir for outputs")
+        if not opts.out_dir:
+            raise ValueError("--batch needs --out_dir")
+        jobs = read_jobs(opts.batch, opts.out_dir, opts.seed)
+    else:
+        missing = [f"--{n}" for n in ("image", "mask", "prompt", "out") if getattr(opts, n) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (or give --batch=FILE.jsonl)")
+        jobs = [Job(opts.image, opts.mask, opts.prompt, opts.out, opts.seed)]
+    for job in jobs:
+        for what, path in (("image", job.image), ("mask", job.mask)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: {what} file not found")
+    return jobs
+
+
+def read_jobs(path: str, out_dir: str, seed: int) -> list[Job]:
+    """Lines of {image, mask, prompt, out?}; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: batch file not found")
+    base, jobs, names = os.path.dirname(os.path.abspath(path)), [], set()
+    with open(path) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    for i, (n, line) in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(entry).__name__}")
+        missing = [k for k in ("image", "mask", "prompt") if not isinstance(entry.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{n}: needs string field(s) {missing}")
+        image, mask = (os.path.join(base, entry[k]) for k in ("image", "mask"))
+        out = entry.get("out") or os.path.splitext(os.path.basename(image))[0] + ".png"
+        if out in names:  # two lines on one image: keep both results
+            out = f"{os.path.splitext(out)[0]}_{n}.png"
+        names.add(out)
+        jobs.append(Job(image, mask, entry["prompt"], os.path.join(out_dir, out), seed + i))
+    if not jobs:
+        raise ValueError(f"{path}: no jobs in the batch file")
+    return jobs
+
+
+def run(opts: Options, pipeline=None, report=print) -> list[str]:
+    """Does the jobs (with `pipeline`, else the one `opts.weights` names); returns the outputs.
+
+    Messages (resized masks, empty masks, files written) go to `report`.
+    """
+    jobs = jobs_from_options(opts)
+    if pipeline is None:
+        from catflax.pipeline import CATPipeline
+
+        pipeline = CATPipeline.from_pretrained(
+            opts.weights, clip_path=opts.clip, dtype=opts.dtype, resolution=opts.resolution,
+            allow_pickle=opts.allow_pickle,
+        )  # fmt: skip
+    size = max(1, opts.batch_size) if opts.batch else 1
+    written = []
+    for start in range(0, len(jobs), size):
+        chunk = jobs[start : start + size]
+        padded = chunk + [chunk[0]] * (size - len(chunk))  # one compiled batch size for all
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            images = pipeline(
+                [j.image for j in padded], [j.mask for j in padded], [j.prompt for j in padded],
+                num_steps=opts.num_steps, guidance_scale=opts.guidance_scale,
+                seed=[j.seed for j in padded], paste_back=opts.paste_back, feather=opts.feather,
+                eta=opts.eta,
+            )  # fmt: skip
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            report(f"warning: {message}")
+        for job, image in zip(chunk, images):
+            os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
+            image.save(job.out)
+            report(f"wrote {job.out} ({image.size[0]}x{image.size[1]})")
+            written.append(job.out)
+    return written
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    from catflax.images import ImageReadError
+    from catflax.weights.io import WeightFileError
+
+    try:
+        run(Options.from_flags(flags.FLAGS))
+    except (FileNotFoundError, ImageReadError, WeightFileError, ValueError) as e:
+        sys.exit(f"inpaint: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

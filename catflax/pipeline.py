@@ -1,0 +1,444 @@
+"""CATPipeline: image + mask + prompt -> inpainted image, from a catflax export directory or an
+official CAT-Diffusion checkpoint (SPEC.md §4 evaluation preprocessing, §6 sampling).
+
+A catflax export directory (written by `save_pretrained`, read by `from_pretrained`):
+
+    config.json               {"format": "catflax-pipeline", "format_version": 1,
+                               "model": {part: its config's fields, for clip_text,
+                                         clip_vision, vae, unet and inpainter},
+                               "resolution": 512, "clip_resolution": 224,
+                               "sampling": {"num_steps": 50, "guidance_scale": 7.5, "eta": 0.0}}
+    clip_text.safetensors     transformers CLIPTextModel names (text_model.*)
+    clip_vision.safetensors   transformers CLIPVisionModel names (vision_model.*)
+    vae.safetensors           diffusers AutoencoderKL names
+    unet.safetensors          diffusers UNet2DConditionModel names + ref_attn/ref_norm
+    inpainter.safetensors     the reference's fusion_model names, without the prefix
+    tokenizer/                a transformers CLIPTokenizer directory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import numbers
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from catflax import diffusion
+from catflax import images as image_io
+from catflax.data import geometry
+from catflax.models.cat import CATConfig, CATDiffusion
+from catflax.tokenizer import load_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
+FORMAT, FORMAT_VERSION = "catflax-pipeline", 1
+COMPONENTS = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
+_VISION_NAME = ("pre_layernorm", "pre_layrnorm")  # ours -> transformers' spelling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Defaults of `CATPipeline.__call__` (SPEC.md §6)."""
+
+    num_steps: int = 50  # DDIM steps
+    guidance_scale: float = 7.5  # classifier-free guidance; 1.0 = conditional branch only
+    eta: float = 0.0  # 0 = deterministic DDIM
+
+
+def _component_rename(name: str):
+    """PyTorch-style name of our parameter names in the export files (None: unchanged)."""
+    if name == "clip_vision":
+        return lambda k: k.replace(*_VISION_NAME)
+    return None
+
+
+def _export_component(model: CATDiffusion, name: str) -> dict[str, np.ndarray]:
+    from catflax.weights import convert
+
+    if name == "inpainter":
+        return model.inpainter.state_dict(prefix="")
+    return convert.export_state_dict(getattr(model, name), _component_rename(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: one jitted function for every pipeline; compiles once per (graph, batch, steps)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "eta", "guided"))
+def _generate(graphdef, state, inputs, guidance_scale, *, num_steps, eta, guided):
+    """(B,R,R,3) uint8 images. Each example's noise comes from its own seed, so an example's
+    result does not depend on the rest of its batch (for eta > 0, ddim_sample draws the
+    per-step noise of the whole batch from the first example's seed)."""
+    model = nnx.merge(graphdef, state)
+    keys = jax.vmap(jax.random.key)(inputs["seeds"])
+    context, label = model.encode_text(inputs["input_ids"])
+    tokens = model.semantic_tokens("inpainter", inputs, label)
+    # masked latents: scale x a posterior sample (as the reference), per-example noise
+    posterior = model.vae.encode(inputs["masked512"])
+    shape_1 = posterior.mean.shape[1:]
+    eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape_1))(keys)
+    masked_latents = model.vae.config.scaling_factor * (
+        posterior.mean + posterior.std * eps.astype(posterior.mean.dtype)
+    )
+    mask64 = inputs["mask64"]
+    B, (h, w, c) = mask64.shape[0], (*mask64.shape[1:3], model.unet.config.out_channels)
+    x_T = jax.vmap(lambda k: diffusion.initial_noise(k, (1, h, w, c)))(keys).reshape(B, h, w, c)
+
+    def model_fn(x, t, cond):
+        ctx, tok, mask, latents = cond
+        return model.predict_noise(x, t, mask, latents, ctx, tok)
+
+    cond = (context, tokens, mask64, masked_latents)
+    uncond = None
+    if guided:  # SPEC.md §6: empty prompt AND zero tokens; mask and masked latents shared
+        empty_context, _ = model.encode_text(inputs["empty_ids"])
+        uncond = (empty_context, jnp.zeros_like(tokens), mask64, masked_latents)
+    latents = diffusion.ddim_sample(
+        model_fn, cond, uncond, key=keys[0], shape=(B, h, w, c), num_steps=num_steps,
+        guidance_scale=guidance_scale, eta=eta, x_T=x_T,
+    )  # fmt: skip
+    images = model.decode_latents(latents).astype(jnp.float32)
+    return jnp.clip(images * 127.5 + 127.5, 0, 255).astype(jnp.uint8)  # truncated, as the ref
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+class CATPipeline:
+    """Text-guided object inpainting with a CATDiffusion model (SPEC.md §6):
+
+    pipe = CATPipeline.from_pretrained("catflax-pipeline/")
+    image = pipe("in.jpg", "mask.png", "a red ball")   # PIL image, the input's size
+    """
+
+    def __init__(
+        self,
+        model: CATDiffusion,
+        tokenizer=None,
+        *,
+        resolution: int = 512,
+        sampling: SamplingConfig | Mapping[str, Any] | None = None,
+    ):
+        cfg = model.config
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+        self.resolution = int(resolution)
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            sampling = SamplingConfig(**{k: sampling[k] for k in sampling})
+        self.sampling = sampling or SamplingConfig()
+        vision, grid = cfg.clip_vision, cfg.inpainter.grid_size
+        if vision.image_size // vision.patch_size != grid:
+            raise ValueError(
+                f"clip_vision {vision.image_size}px / patch {vision.patch_size} gives a "
+                f"{vision.image_size // vision.patch_size}-patch grid; the inpainter expects {grid}"
+            )
+        self.sizes = geometry.Sizes(self.resolution, vision.image_size, grid)
+        self.vae_factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+        unet_factor = 2 ** (len(cfg.unet.block_out_channels) - 1)
+        step = self.vae_factor * unet_factor
+        if self.resolution % step:
+            raise ValueError(
+                f"resolution={self.resolution} must be a multiple of {step} (VAE factor "
+                f"{self.vae_factor} x UNet downsampling {unet_factor})"
+            )
+        if len(self.tokenizer) > cfg.clip_text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens, the CLIP text tower only "
+                f"{cfg.clip_text.vocab_size}"
+            )
+        self.graphdef, self.state = nnx.split(model)
+        self._empty_ids = self._tokenize([""])[0]
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_model(cls, model: CATDiffusion, tokenizer=None, **kwargs) -> CATPipeline:
+        """A pipeline around a model in memory (the trainer's, the export command's)."""
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        clip_path: str | None = None,
+        dtype: str = "float32",
+        *,
+        param_dtype: str | None = None,
+        attention: str | None = None,
+        config: CATConfig | Mapping[str, Any] | None = None,
+        resolution: int | None = None,
+        allow_pickle: bool = False,
+    ) -> CATPipeline:
+        """Loads a catflax export directory, or an official CAT-Diffusion checkpoint file.
+
+        `dtype` is the compute dtype of every part; `param_dtype` and `attention` override the
+        saved ones when given. For a checkpoint file: `config` gives the sizes (default: the full
+        model), `clip_path` a transformers CLIP directory for the tokenizer and any CLIP tower the
+        file lacks, `resolution` the image side (default 512); `.ckpt` needs allow_pickle.
+        """
+        from catflax.weights import io
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        over = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+        over = {k: v for k, v in over.items() if v is not None}
+        if os.path.isdir(path):
+            if config is not None:
+                raise ValueError(f"{path}: a catflax directory has its own config; drop `config`")
+            meta = _read_pipeline_config(path)
+            cfg = _with_overrides(CATConfig.from_dict(meta["model"]), over)
+            model = _load_directory(path, cfg)
+            tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+            res = resolution or meta["resolution"]
+            return cls(model, tokenizer, resolution=res, sampling=meta.get("sampling"))
+        if config is not None and not isinstance(config, CATConfig):
+            config = CATConfig.from_dict(config)
+        cfg = _with_overrides(config or CATConfig(), over)
+        state = io.read_state_dict(path, allow_pickle=allow_pickle)
+        model = _load_checkpoint(path, state, cfg, clip_path, over)
+        tokenizer = load_tokenizer(_tokenizer_dir(clip_path))
+        return cls(model, tokenizer, resolution=resolution or 512)
+
+    def save_pretrained(self, path: str) -> None:
+        """Writes the catflax export directory (see the module docstring)."""
+        from catflax.weights import io
+
+        os.makedirs(path, exist_ok=True)
+        for name in COMPONENTS:
+            tensors = _export_component(self.model, name)
+            io.write_safetensors(os.path.join(path, f"{name}.safetensors"), tensors)
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        cfg = self.model.config
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": {name: dataclasses.asdict(getattr(cfg, name)) for name in COMPONENTS},
+            "resolution": self.resolution,
+            "clip_resolution": cfg.clip_vision.image_size,
+            "sampling": dataclasses.asdict(self.sampling),
+        }
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    # ------------------------------------------------------------------ inference
+    def __call__(
+        self,
+        image,
+        mask,
+        prompt: str | Sequence[str],
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | Sequence[int] = 0,
+        paste_back: bool = True,
+        feather: float = 0.0,
+        eta: float | None = None,
+    ):
+        """Inpaints where the mask is white. Images/masks: PIL images, numpy arrays or paths;
+        lists make a batch (a single prompt, mask or seed is shared; an int seed gives example
+        i the seed `seed + i`). Returns a PIL image (a list for a batch) at the input's size.
+
+        With `paste_back`, pixels outside the mask are the input's exactly; `feather` > 0 blurs
+        the blend mask's edge over that many pixels (pixels farther out stay the input's).
+        Defaults (None) come from `self.sampling` (SPEC.md §6: 50 steps, 7.5, eta 0). With
+        eta > 0 a batch shares its per-step noise, so it no longer equals single calls."""
+        batched = any(isinstance(x, list | tuple) for x in (image, mask, prompt, seed))
+        n = max(len(x) if isinstance(x, list | tuple) else 1 for x in (image, mask, prompt, seed))
+        if isinstance(seed, numbers.Integral):
+            seed = [int(seed) + i for i in range(n)]
+        images, masks = _broadcast(image, n, "image"), _broadcast(mask, n, "mask")
+        prompts, seeds = _broadcast(prompt, n, "prompt"), _broadcast(seed, n, "seed")
+        if feather < 0:
+            raise ValueError(f"feather={feather} must be >= 0")
+        loaded = []
+        for i, (img, m) in enumerate(zip(images, masks)):
+            rgb, name = image_io.load_image(img, f"image {i}")
+            m, mask_name = image_io.load_mask(m, rgb.size, f"mask {i}", name)
+            loaded.append((rgb, m, name, mask_name))
+        outputs: list[Image.Image | None] = [None] * n
+        todo = []
+        for i, (rgb, m, name, mask_name) in enumerate(loaded):
+            if geometry.binary(m).any():
+                todo.append(i)
+                continue
+            warnings.warn(
+                f"{mask_name}: the mask is empty (no pixel >= 128); nothing to inpaint, "
+                f"returning {name} unchanged", image_io.InpaintWarning, stacklevel=2,
+            )  # fmt: skip
+            outputs[i] = rgb.copy()
+        if todo:  # pad with the first example so that the compiled batch size stays n
+            rows = todo + [todo[0]] * (n - len(todo))
+            batch = self.prepare([(loaded[i][0], loaded[i][1]) for i in rows])
+            batch["input_ids"] = self._tokenize([prompts[i] for i in rows])
+            generated = self.sample(batch, [seeds[i] for i in rows], num_steps, guidance_scale, eta)
+            for j, i in enumerate(todo):
+                rgb, m = loaded[i][:2]
+                out = np.asarray(Image.fromarray(generated[j]).resize(rgb.size))
+                if paste_back:
+                    out = image_io.paste_back(np.asarray(rgb), out, np.asarray(m), feather)
+                outputs[i] = Image.fromarray(out)
+        return outputs if batched else outputs[0]
+
+    def prepare(self, examples: Sequence[tuple[Image.Image, np.ndarray]]) -> dict[str, np.ndarray]:
+        """SPEC.md §4 evaluation inputs of (RGB image, L mask of the same size) pairs, stacked."""
+        rows = []
+        for image, mask in examples:
+            mask_HW = np.asarray(mask, np.uint8)
+            inputs = geometry.prepare_example(image, mask_HW, np.zeros(4), self.sizes, rng=None)
+            latent = self.resolution // self.vae_factor
+            if latent != self.sizes.latent:  # a VAE that is not f=8 (tiny test models)
+                mask_RR = Image.fromarray(inputs["mask512"]).resize((latent, latent))
+                inputs["mask64"] = (np.asarray(mask_RR, np.float32) / 255.0 >= 0.5)[..., None]
+            rows.append(inputs)
+        keys = ("masked512", "masked224", "mask64", "mask16")
+        batch = {k: np.stack([r[k] for r in rows]) for k in keys}
+        batch["mask64"] = batch["mask64"].astype(np.float32)
+        return batch
+
+    def sample(
+        self,
+        batch: Mapping[str, np.ndarray],
+        seeds: Sequence[int],
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+    ) -> np.ndarray:
+        """(B,R,R,3) uint8 samples from model inputs (masked512, masked224, mask64, mask16,
+        input_ids; as `prepare` and the data pipeline make them), one seed per example."""
+        s = self.sampling
+        num_steps = s.num_steps if num_steps is None else int(num_steps)
+        guidance_scale = s.guidance_scale if guidance_scale is None else float(guidance_scale)
+        eta = float(s.eta if eta is None else eta)
+        B = len(batch["input_ids"])
+        if len(seeds) != B or any(not 0 <= int(x) < 2**32 for x in seeds):
+            raise ValueError(f"need {B} seeds in [0, 2**32), got {list(seeds)}")
+        inputs = {k: np.asarray(batch[k]) for k in ("masked512", "masked224", "mask64", "mask16")}
+        inputs["input_ids"] = np.asarray(batch["input_ids"], np.int32)
+        inputs["empty_ids"] = np.broadcast_to(self._empty_ids, inputs["input_ids"].shape)
+        inputs["seeds"] = np.asarray(seeds, np.uint32)
+        images = _generate(
+            self.graphdef, self.state, inputs, np.float32(guidance_scale),
+            num_steps=num_steps, eta=eta, guided=guidance_scale != 1.0,
+        )  # fmt: skip
+        return np.asarray(jax.device_get(images))
+
+    def _tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return tokenize(list(prompts), self.tokenizer, self.model.config.clip_text.max_positions)
+
+
+def _broadcast(x, n: int, what: str) -> list:
+    if not isinstance(x, list | tuple):
+        return [x] * n
+    if len(x) not in (1, n):
+        raise ValueError(f"got {len(x)} {what}s for a batch of {n}")
+    return list(x) * (n // len(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_overrides(cfg: CATConfig, over: Mapping[str, str]) -> CATConfig:
+    return CATConfig(**{n: dataclasses.replace(getattr(cfg, n), **over) for n in COMPONENTS})
+
+
+def _read_pipeline_config(path: str) -> dict[str, Any]:
+    from catflax.weights import io
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise io.WeightFileError(
+            f"{path}: not a catflax pipeline directory (no config.json); for an official "
+            "CAT-Diffusion checkpoint pass the checkpoint file itself"
+        )
+    meta = io.read_json(config_path)
+    if meta.get("format") != FORMAT:
+        raise io.WeightFileError(
+            f"{config_path}: not a catflax pipeline config (format {meta.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise io.WeightFileError(
+            f"{config_path}: format_version {meta['format_version']} is newer than this catflax "
+            f"reads ({FORMAT_VERSION})"
+        )
+    return meta
+
+
+def _load_directory(path: str, cfg: CATConfig) -> CATDiffusion:
+    from catflax.weights import convert, io
+
+    model = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
+    for name in COMPONENTS:
+        file = os.path.join(path, f"{name}.safetensors")
+        if not os.path.isfile(file):
+            raise io.WeightFileError(f"{file}: missing from the catflax pipeline directory")
+        state = io.read_safetensors(file)
+        if name == "inpainter":
+            part = type(model.inpainter).from_state_dict(
+                state, cfg.inpainter, prefix="", source_name=file
+            )
+        else:
+            abstract = getattr(model, name)
+            rename = _component_rename(name)
+            part, _ = convert.load_state_dict(abstract, state, source_name=file, rename=rename)
+        setattr(model, name, part)
+    return model
+
+
+def _load_checkpoint(path: str, state, cfg: CATConfig, clip_path: str | None, over) -> CATDiffusion:
+    """CATDiffusion from an official checkpoint's state dict (CLIP towers it lacks: clip_path)."""
+    from catflax.models.clip import CLIPTextModel, CLIPVisionModel
+    from catflax.models.inpainter import SemanticInpainter
+    from catflax.weights import ldm
+
+    parts = ldm.split_checkpoint(state)
+    if not parts["fusion_model"]:
+        raise ValueError(
+            f"{path}: not a CAT-Diffusion checkpoint (no fusion_model.* keys: no semantic "
+            "inpainter); a catflax export directory is a folder with config.json"
+        )
+    towers = {}
+    for name, cls, load in (
+        ("clip_text", CLIPTextModel, ldm.load_clip_text),
+        ("clip_vision", CLIPVisionModel, ldm.load_clip_vision),
+    ):
+        if parts[name]:
+            towers[name] = load(state, getattr(cfg, name), source_name=path)
+        elif clip_path:
+            towers[name] = cls.from_pretrained(clip_path, **over)
+        else:
+            prefix = ldm.COMPONENT_PREFIXES[name]
+            raise ValueError(f"{path}: no {prefix}* keys ({name}); pass clip_path=CLIP_DIR")
+    cfg = dataclasses.replace(cfg, **{n: t.config for n, t in towers.items()})
+    model = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
+    model.clip_text, model.clip_vision = towers["clip_text"], towers["clip_vision"]
+    model.unet = ldm.load_unet(state, cfg.unet, source_name=path)[0]
+    model.vae = ldm.load_vae(state, cfg.vae, source_name=path)[0]
+    model.inpainter = SemanticInpainter.from_state_dict(state, cfg.inpainter, source_name=path)
+    if parts["other"]:
+        log.info("%s: %d keys not used (e.g. %s)", path, len(parts["other"]), min(parts["other"]))
+    return model
+
+
+def _tokenizer_dir(clip_path: str | None) -> str | None:
+    """The tokenizer inside a CLIP directory (itself or tokenizer/); None: openai-clip's BPE."""
+    if clip_path is None:
+        return None
+    for candidate in (clip_path, os.path.join(clip_path, "tokenizer")):
+        files = (os.path.join(candidate, f) for f in ("vocab.json", "tokenizer.json"))
+        if any(os.path.isfile(f) for f in files):
+            return candidate
+    raise FileNotFoundError(f"{clip_path}: no CLIP tokenizer (vocab.json or tokenizer.json) in it")

@@ -1,0 +1,328 @@
+"""CATPipeline and the inpainting CLI end to end on a tiny random model: the export directory
+round trip, the official checkpoint layout, paste-back, seeds, batches and bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from catflax import CATPipeline, inpaint
+from catflax import pipeline as pipeline_lib
+from catflax.images import ImageReadError, InpaintWarning, paste_back
+from catflax.models.cat import CATDiffusion
+from catflax.weights import convert, io, ldm
+from tests.tiny import TINY_CAT
+
+# The tiny model with the real CLIP vocabulary, so prompts go through the real tokenizer.
+CFG = dataclasses.replace(
+    TINY_CAT,
+    clip_text=dataclasses.replace(TINY_CAT.clip_text, vocab_size=49408, eos_token_id=49407),
+)
+RES = 16  # model resolution: the tiny VAE has f=2, so 8x8 latents
+STEPS = 2
+
+
+def params(model) -> dict:
+    return {convert.path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def assert_same_params(a, b):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert pa[k].dtype == pb[k].dtype, k
+        np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]), err_msg=k)
+
+
+def example(w: int, h: int, seed: int):
+    """A smooth random RGB image of w x h and a rectangular white mask in its middle."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    model = CATDiffusion(CFG, rngs=nnx.Rngs(0))
+    return CATPipeline.from_model(
+        model, resolution=RES, sampling=dict(num_steps=STEPS, guidance_scale=3.0, eta=0.0)
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("export") / "pipeline")
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_save_load_round_trip_is_bit_identical(pipe, saved):
+    names = sorted(os.listdir(saved))
+    expected = [f"{c}.safetensors" for c in pipeline_lib.COMPONENTS]
+    assert names == sorted(["config.json", "tokenizer", *expected])
+    with open(os.path.join(saved, "config.json")) as f:
+        meta = json.load(f)
+    assert meta["format"] == "catflax-pipeline" and meta["format_version"] == 1
+    assert (meta["resolution"], meta["clip_resolution"]) == (RES, CFG.clip_vision.image_size)
+    assert meta["sampling"] == {"num_steps": STEPS, "guidance_scale": 3.0, "eta": 0.0}
+    # The export files carry PyTorch names: transformers' CLIPModel spelling, the reference's
+    # fusion_model names without their prefix, diffusers' UNet names with the adapter.
+    vision = io.read_safetensors(os.path.join(saved, "clip_vision.safetensors"))
+    assert "vision_model.pre_layrnorm.weight" in vision
+    assert "embeddings.mask_embedding.weight" in io.read_safetensors(
+        os.path.join(saved, "inpainter.safetensors")
+    )
+    unet = io.read_safetensors(os.path.join(saved, "unet.safetensors"))
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.ref_attn.to_k.weight" in unet
+
+    loaded = CATPipeline.from_pretrained(saved)
+    assert loaded.model.config == pipe.model.config
+    assert (loaded.resolution, loaded.sampling) == (pipe.resolution, pipe.sampling)
+    assert_same_params(loaded.model, pipe.model)
+    prompt = "a Red ball, on the grass!"
+    np.testing.assert_array_equal(loaded._tokenize([prompt]), pipe._tokenize([prompt]))
+
+
+def test_cli_writes_input_size_and_pastes_back(saved, tmp_path):
+    image, mask = example(37, 29, seed=1)  # odd, non-square
+    rgba = np.concatenate([image, np.full((29, 37, 1), 200, np.uint8)], -1)
+    Image.fromarray(rgba).save(tmp_path / "in.png")  # RGBA: converted to RGB
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    messages = []
+    opts = inpaint.parse([
+        f"--weights={saved}", f"--image={tmp_path / 'in.png'}", f"--mask={tmp_path / 'mask.png'}",
+        "--prompt=a red ball", f"--out={tmp_path / 'out' / 'out.png'}", f"--num_steps={STEPS}",
+    ])  # fmt: skip
+    assert inpaint.run(opts, report=messages.append) == [str(tmp_path / "out" / "out.png")]
+    out = Image.open(tmp_path / "out" / "out.png")
+    assert (out.size, out.mode) == ((37, 29), "RGB")
+    out = np.asarray(out)
+    outside, inside = mask == 0, mask == 255
+    np.testing.assert_array_equal(out[outside], image[outside])
+    assert (out[inside] != image[inside]).any(axis=-1).mean() > 0.5
+    assert messages == [f"wrote {tmp_path / 'out' / 'out.png'} (37x29)"]
+
+
+def test_paste_back_off_returns_the_whole_generated_image(pipe):
+    image, mask = example(37, 29, seed=1)
+    out = np.asarray(pipe(image, mask, "a red ball", num_steps=STEPS, paste_back=False))
+    assert out.shape == image.shape
+    assert (out[mask == 0] != image[mask == 0]).any()  # the VAE's reconstruction, not the input
+
+
+def test_same_seed_same_image_different_seed_differs(pipe):
+    image, mask = example(37, 29, seed=2)
+    a = np.asarray(pipe(image, mask, "a cat", num_steps=STEPS, seed=0))
+    b = np.asarray(pipe(image, mask, "a cat", num_steps=STEPS, seed=0))
+    c = np.asarray(pipe(image, mask, "a cat", num_steps=STEPS, seed=1))
+    np.testing.assert_array_equal(a, b)
+    assert (a[mask == 255] != c[mask == 255]).any(axis=-1).mean() > 0.5
+    np.testing.assert_array_equal(a[mask == 0], c[mask == 0])
+
+
+def test_batch_equals_single_calls_and_compiles_once(pipe):
+    (a, ma), (b, mb) = example(37, 29, seed=3), example(24, 40, seed=4)
+    singles = [
+        pipe(a, ma, "a red ball", num_steps=STEPS, seed=5),
+        pipe(b, mb, "a green vase", num_steps=STEPS, seed=6),
+    ]
+    pil_b, pil_mb = Image.fromarray(b), Image.fromarray(mb)  # PIL images work as arrays do
+    batch = pipe([a, pil_b], [ma, pil_mb], ["a red ball", "a green vase"], num_steps=STEPS, seed=5)
+    assert isinstance(batch, list) and len(batch) == 2
+    for one, many in zip(singles, batch):  # per-example seeds: the batch changes nothing
+        np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
+    compiled = pipeline_lib._generate._cache_size()
+    pipe([b, a], [mb, ma], ["x", "y"], num_steps=STEPS, seed=[9, 1], guidance_scale=5.0)
+    pipe(a, ma, "another prompt", num_steps=STEPS, seed=3, guidance_scale=2.0)
+    assert pipeline_lib._generate._cache_size() == compiled  # same (batch, steps): no compile
+
+
+def test_unconditional_branch_is_empty_prompt_and_zero_tokens(pipe):
+    """With guidance scale 0 only the unconditional branch counts: its result must depend
+    neither on the prompt (empty prompt) nor on the image's CLIP features (zero tokens)."""
+    image, mask = example(37, 29, seed=5)
+    other = np.asarray(Image.fromarray(image).transpose(Image.Transpose.ROTATE_180))
+    batch = pipe.prepare([(Image.fromarray(image), Image.fromarray(mask))])
+    other_clip = pipe.prepare([(Image.fromarray(other), Image.fromarray(mask))])["masked224"]
+    cat, dog = pipe._tokenize(["a cat"]), pipe._tokenize(["a dog"])
+    uncond_cat = pipe.sample(dict(batch, input_ids=cat), [0], STEPS, guidance_scale=0.0)
+    uncond_dog = pipe.sample(dict(batch, input_ids=dog, masked224=other_clip), [0], STEPS, 0.0)
+    np.testing.assert_array_equal(uncond_cat, uncond_dog)
+    guided_cat = pipe.sample(dict(batch, input_ids=cat), [0], STEPS, guidance_scale=2.0)
+    guided_dog = pipe.sample(dict(batch, input_ids=dog), [0], STEPS, guidance_scale=2.0)
+    assert (guided_cat != guided_dog).any()
+
+
+def test_empty_mask_returns_the_input_with_a_message(pipe, saved, tmp_path):
+    image, _ = example(37, 29, seed=6)
+    with pytest.warns(InpaintWarning, match="mask is empty"):
+        out = pipe(image, np.zeros((29, 37), np.uint8), "a cat", num_steps=STEPS)
+    np.testing.assert_array_equal(np.asarray(out), image)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    Image.fromarray(np.full((29, 37), 100, np.uint8)).save(tmp_path / "mask.png")  # < 128
+    messages = []
+    opts = inpaint.parse([
+        f"--weights={saved}", f"--image={tmp_path / 'in.png'}", f"--mask={tmp_path / 'mask.png'}",
+        "--prompt=a cat", f"--out={tmp_path / 'out.png'}",
+    ])  # fmt: skip
+    inpaint.run(opts, pipeline=pipe, report=messages.append)
+    empty = [m for m in messages if "the mask is empty" in m]
+    assert len(empty) == 1 and "mask.png" in empty[0] and "in.png unchanged" in empty[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), image)
+
+
+def test_mask_size_mismatch_warns_and_works(pipe):
+    image, mask = example(37, 29, seed=7)
+    small = np.asarray(Image.fromarray(mask).resize((18, 14), Image.Resampling.NEAREST))
+    with pytest.warns(InpaintWarning, match="mask is 18x14 but image 0 is 37x29"):
+        out = pipe(image, small, "a cat", num_steps=STEPS)
+    assert out.size == (37, 29)
+    resized = np.asarray(Image.fromarray(small).resize((37, 29), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(np.asarray(out)[resized == 0], image[resized == 0])
+
+
+def test_feather_blends_only_near_the_mask_edge(pipe):
+    image, mask = example(37, 29, seed=8)
+    sharp = np.asarray(pipe(image, mask, "a cat", num_steps=STEPS, paste_back=False))
+    soft = np.asarray(pipe(image, mask, "a cat", num_steps=STEPS, feather=3))
+    np.testing.assert_array_equal(soft, paste_back(image, sharp, mask, feather=3))
+    ys, xs = np.nonzero(mask)
+    yy, xx = np.mgrid[:29, :37]
+    far = (yy < ys.min() - 3) | (yy > ys.max() + 3) | (xx < xs.min() - 3) | (xx > xs.max() + 3)
+    np.testing.assert_array_equal(soft[far], image[far])
+    edge = (yy == ys.min() - 1) & (xx >= xs.min()) & (xx <= xs.max())  # just outside the mask
+    assert (soft[edge] != image[edge]).any()
+    centre = (yy == (ys.min() + ys.max()) // 2) & (xx == (xs.min() + xs.max()) // 2)
+    np.testing.assert_array_equal(soft[centre], sharp[centre])
+
+
+def test_missing_and_unreadable_files_are_named(pipe, saved, tmp_path):
+    image, mask = example(37, 29, seed=9)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = [f"--weights={saved}", f"--mask={tmp_path / 'mask.png'}", "--prompt=a cat",
+            f"--out={tmp_path / 'out.png'}"]  # fmt: skip
+    missing = tmp_path / "nowhere.png"
+    with pytest.raises(FileNotFoundError, match=f"{missing}: image file not found"):
+        inpaint.run(inpaint.parse([*base, f"--image={missing}"]), pipeline=pipe)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    Image.fromarray(image).save(tmp_path / "whole.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:200])
+    for bad in (garbage, truncated):
+        with pytest.raises(ImageReadError, match=f"{bad}: not a readable image"):
+            inpaint.run(inpaint.parse([*base, f"--image={bad}"]), pipeline=pipe)
+        with pytest.raises(ImageReadError, match=f"{bad}: not a readable mask"):
+            pipe(image, str(bad), "a cat")
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"image": "whole.png", "mask": "mask.png", "prompt": "a"}\n{"image": 3}\n')
+    with pytest.raises(ValueError, match=f"{lines}:2: needs string field"):
+        inpaint.run(inpaint.parse([f"--weights={saved}", f"--batch={lines}",
+                                   f"--out_dir={tmp_path}"]), pipeline=pipe)  # fmt: skip
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "catflax.inpaint", f"--weights={tmp_path}",
+         f"--image={tmp_path / 'no.png'}", f"--mask={tmp_path / 'm.png'}", "--prompt=x",
+         f"--out={tmp_path / 'o.png'}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"inpaint: {tmp_path / 'no.png'}: image file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_batch_file_mode(pipe, saved, tmp_path):
+    rows = []
+    for i, (w, h) in enumerate([(37, 29), (20, 33), (16, 16)]):
+        image, mask = example(w, h, seed=10 + i)
+        Image.fromarray(image).save(tmp_path / f"img{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"mask{i}.png")
+        rows.append({"image": f"img{i}.png", "mask": f"mask{i}.png", "prompt": f"thing {i}"})
+    rows[2]["out"] = "named.png"
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    opts = inpaint.parse([
+        f"--weights={saved}", f"--batch={tmp_path / 'jobs.jsonl'}",
+        f"--out_dir={tmp_path / 'results'}", "--batch_size=2", "--seed=4",
+    ])  # fmt: skip
+    written = inpaint.run(opts, pipeline=pipe, report=lambda m: None)
+    assert [os.path.basename(p) for p in written] == ["img0.png", "img1.png", "named.png"]
+    for i, path in enumerate(written):
+        image, mask = example(*Image.open(tmp_path / f"img{i}.png").size, seed=10 + i)
+        single = pipe(image, mask, f"thing {i}", num_steps=STEPS, seed=4 + i)
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(single))
+
+
+def cat_checkpoint(model: CATDiffusion, with_text: bool = True) -> dict:
+    """The official CAT-Diffusion single-file layout of a model (see catflax.weights.ldm)."""
+    state = {**ldm.unet_to_ldm(model.unet), **ldm.vae_to_ldm(model.vae)}
+    state.update(model.inpainter.state_dict())  # fusion_model.*
+    vision = lambda k: "cond_stage_model2.encoder." + k.replace("pre_layernorm", "pre_layrnorm")  # noqa: E731
+    state.update(convert.export_state_dict(model.clip_vision, vision))
+    if with_text:
+        text = lambda k: "cond_stage_model.transformer." + k  # noqa: E731
+        state.update(convert.export_state_dict(model.clip_text, text))
+    state["betas"] = np.zeros(3, np.float32)  # schedule buffers: ignored
+    return state
+
+
+def test_official_checkpoint_loads_like_the_directory(pipe, tmp_path):
+    image, mask = example(37, 29, seed=11)
+    kw = dict(num_steps=STEPS, guidance_scale=7.5, seed=2)  # the checkpoint has no defaults
+    expected = np.asarray(pipe(image, mask, "a red ball", **kw))
+    cfg = {n: dataclasses.asdict(getattr(CFG, n)) for n in pipeline_lib.COMPONENTS}
+
+    path = str(tmp_path / "cat.safetensors")
+    io.write_safetensors(path, cat_checkpoint(pipe.model))
+    official = CATPipeline.from_pretrained(path, config=cfg, resolution=RES)
+    assert_same_params(official.model, pipe.model)
+    out = official(image, mask, "a red ball", **kw)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+    # No text tower in the file: it comes from a transformers CLIP directory, with the tokenizer.
+    clip_dir = tmp_path / "clip"
+    clip_dir.mkdir()
+    t = CFG.clip_text
+    hf = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+              intermediate_size=t.intermediate_size, num_attention_heads=t.num_heads,
+              max_position_embeddings=t.max_positions, eos_token_id=t.eos_token_id)  # fmt: skip
+    (clip_dir / "config.json").write_text(json.dumps({"text_config": hf}))
+    io.write_safetensors(str(clip_dir / "model.safetensors"),
+                         convert.export_state_dict(pipe.model.clip_text))  # fmt: skip
+    pipe.tokenizer.save_pretrained(str(clip_dir))
+    path = str(tmp_path / "cat_no_text.safetensors")
+    io.write_safetensors(path, cat_checkpoint(pipe.model, with_text=False))
+    with pytest.raises(ValueError, match="cond_stage_model.transformer.* keys"):
+        CATPipeline.from_pretrained(path, config=cfg, resolution=RES)
+    official = CATPipeline.from_pretrained(
+        path, clip_path=str(clip_dir), config=cfg, resolution=RES
+    )
+    assert_same_params(official.model, pipe.model)
+    out = official(image, mask, "a red ball", **kw)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_bad_weights_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        CATPipeline.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(io.WeightFileError, match="not a catflax pipeline directory"):
+        CATPipeline.from_pretrained(str(tmp_path))
+    path = str(tmp_path / "sd.safetensors")
+    io.write_safetensors(path, {"model.diffusion_model.x": np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match="not a CAT-Diffusion checkpoint"):
+        CATPipeline.from_pretrained(path)
+
+
+def test_package_import_does_not_import_jax():
+    code = "import sys, catflax; assert 'jax' not in sys.modules; catflax.CATPipeline"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
