@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -41,6 +42,8 @@ def report_sizes(config) -> dict[str, int]:
 
 def train_and_evaluate(config, workdir: str) -> None:
     """Runs the configured training stages in order, each resuming where it stopped."""
+    import jax
+
     from catflax import distributed, sharding
     from catflax.data.feed import Feed
     from catflax.train.loop import run_stage
@@ -53,8 +56,8 @@ def train_and_evaluate(config, workdir: str) -> None:
     for stage in config.stages:
         result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config))
         if not result.skipped:
-            logging.info("stage %s: %d steps, loss %.4f -> %.4f", stage, result.steps,
-                         result.losses[0], result.losses[-1])  # fmt: skip
+            print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "
+                  f"losses {json.dumps([round(x, 6) for x in result.losses])}", flush=True)  # fmt: skip
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -64,7 +64,9 @@ def _storable(tree):
 
 
 def _unstorable(tree, like):
-    return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x) if _is_key(ref) else x, tree, like)
+    return jax.tree.map(
+        lambda x, ref: jax.random.wrap_key_data(x) if _is_key(ref) else x, tree, like
+    )
 
 
 def _abstract(x):

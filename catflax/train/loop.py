@@ -13,10 +13,8 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -81,9 +79,13 @@ def merge_earlier_stages(workdir: str, stage: str, params: nnx.State) -> list[st
 def _restore_final(workdir: str, stage: str, like: nnx.State) -> nnx.State:
     trained = stages.STAGES[stage].trains
     target = nnx.State({p: like[p] for p in trained})
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+    )
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(os.path.join(final_dir(workdir, stage), "params")), abstract)
+        return ckptr.restore(
+            os.path.abspath(os.path.join(final_dir(workdir, stage), "params")), abstract
+        )
 
 
 def save_final(workdir: str, stage: str, params: nnx.State) -> None:
@@ -113,7 +115,9 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
 
     # ---------------------------------------------------------------- parameters
     graphdef, params, shardings = init_params(config, mesh)
-    notes = load_pretrained(config, params, shardings) + merge_earlier_stages(workdir, stage, params)
+    notes = load_pretrained(config, params, shardings) + merge_earlier_stages(
+        workdir, stage, params
+    )
     for note in notes:
         logging.info("stage %s: %s", stage, note)
     model = nnx.merge(graphdef, params)
@@ -159,7 +163,11 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
     last_time = time.time()
     global_batch = batch[next(iter(batch))].shape[0]
     step = start_step
+    kill_at = int(os.environ.get("CATFLAX_TEST_KILL_AT_STEP", "0"))  # resume tests only
     while step < scfg.steps:
+        if step + 1 == kill_at:  # a hard kill once the last checkpoint has landed
+            ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
         state, metrics = compiled(state, frozen, batch)
         step += 1
         if pending is not None:
@@ -172,7 +180,9 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
             ckpt.save(step, state, data_iter.checkpointable(), config)
         if stop.requested:
             ckpt.wait()
-            logging.warning("stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step)
+            logging.warning(
+                "stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step
+            )
             raise SystemExit(0)
         if step < scfg.steps:
             batch = data_iter.next_global(mesh)
@@ -197,10 +207,11 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[f
     dt = max(time.time() - since, 1e-9)
     values.update(
         step_time_s=dt, examples_per_s=global_batch / dt, skipped_examples=float(skipped),
-        lr_fast=scfg.lr_fast * min(1.0, step / max(scfg.warmup_steps, 1)),
-        lr_slow=scfg.lr_slow * min(1.0, step / max(scfg.warmup_steps, 1)),
+        lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)),
+        lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)),
         mfu=flops / dt / (config.train.peak_flops_per_device * jax.device_count()),
     )  # fmt: skip
+    writer.record(step, values)  # every step, to metrics.jsonl
     if step % config.train.log_every == 0 or step == scfg.steps:
         writer.scalars(step, values)
     return [values["loss"]]
@@ -234,11 +245,3 @@ class _PreemptionFlag:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def param_count(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def zeros_like_state(tree):
-    return jax.tree.map(jnp.zeros_like, tree)

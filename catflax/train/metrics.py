@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Mapping
 
@@ -18,10 +20,17 @@ class MetricWriter:
         self.total_steps, self.stage = total_steps, stage
         self.start = time.time()
         self.writer = None
+        self.jsonl = os.path.join(os.path.dirname(logdir.rstrip("/")), "metrics.jsonl")
         if self.enabled:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(logdir)
+
+    def record(self, step: int, values: Mapping[str, float]) -> None:
+        """Appends one line per step to <stage>/metrics.jsonl (the raw curve, for reports)."""
+        if self.enabled:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
 
     def scalars(self, step: int, values: Mapping[str, float], first_step: int = 0) -> None:
         if not self.enabled:
@@ -35,7 +44,9 @@ class MetricWriter:
             f"{k}={v:.4g}" for k, v in values.items() if k.startswith(("loss", "grad", "lr", "ex"))
         )
         bar = _bar(step / max(self.total_steps, 1))
-        print(f"[{self.stage}] {bar} {step}/{self.total_steps}  {shown}  eta {eta:.0f}s", flush=True)
+        print(
+            f"[{self.stage}] {bar} {step}/{self.total_steps}  {shown}  eta {eta:.0f}s", flush=True
+        )
 
     def image(self, step: int, name: str, image_HWC: np.ndarray) -> None:
         if self.enabled:

@@ -1,0 +1,178 @@
+"""The training run as users start it: four stages, resume after SIGKILL, SIGTERM, NaN, 2 hosts."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo config made smaller still: every stage a few steps of batch 4.
+TINY = [
+    "--config=configs/demo.py",
+    "--config.train.batch_size=4",
+    "--config.train.log_every=1",
+    "--config.model.clip_text.num_layers=1",
+    "--config.model.clip_vision.num_layers=1",
+    "--config.model.inpainter.num_layers=1",
+]
+
+
+def steps(n: int, stages=("1a", "1b", "2a", "2b")) -> list[str]:
+    return [f"--config.stage_{s}.steps={n}" for s in stages] + [
+        f"--config.stages=({','.join(repr(s) for s in stages)},)"
+    ]
+
+
+# One persistent compilation cache for every run in this module: the runs share shapes.
+CACHE_DIR = tempfile.mkdtemp(prefix="catflax-test-jax-cache-")
+
+
+def env_for(extra=None, devices: int = 4):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env.update(JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # fmt: skip
+    env.update(extra or {})
+    return env
+
+
+def run_main(workdir, *args, env=None, timeout=600):
+    cmd = [sys.executable, "-m", "catflax.main", f"--workdir={workdir}", *TINY, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or env_for(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def losses(workdir, stage):
+    with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def final_params(workdir, stage):
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(os.path.abspath(workdir), stage, "final", "params"))
+
+
+def flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from flat(v, f"{prefix}/{k}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+def test_four_stages_end_to_end_then_skip(tmp_path):
+    result = run_main(tmp_path, *steps(2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("1a", "1b", "2a", "2b"):
+        assert f"stage {stage} done" in result.stdout
+        assert os.path.isdir(tmp_path / stage / "final")
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / stage / "tensorboard"))
+        assert losses(tmp_path, stage)[0] == [1, 2]
+    assert "from stage 1a" in result.stderr and "from stage 1b" in result.stderr  # the merge
+    again = run_main(tmp_path, *steps(2))
+    assert again.returncode == 0 and "done" not in again.stdout
+    assert again.stderr.count("already finished") == 4
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    args = [*steps(6, ("1b",)), "--config.train.checkpoint_every=3"]
+    straight = run_main(tmp_path / "a", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = run_main(tmp_path / "b", *args, env=env_for({"CATFLAX_TEST_KILL_AT_STEP": "4"}))
+    assert killed.returncode == -signal.SIGKILL
+    assert not os.path.isdir(tmp_path / "b" / "1b" / "final")
+    resumed = run_main(tmp_path / "b", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 3" in resumed.stderr
+
+    steps_a, losses_a = losses(tmp_path / "a", "1b")
+    steps_b, losses_b = losses(tmp_path / "b", "1b")
+    assert steps_a == steps_b == [1, 2, 3, 4, 5, 6]
+    assert losses_a == losses_b  # bitwise: same batches, same noise, same updates
+    a, b = dict(flat(final_params(tmp_path / "a", "1b"))), dict(flat(final_params(tmp_path / "b", "1b")))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    result = run_main(tmp_path, *steps(20, ("1a",)), "--config.stage_1a.lr_fast=1e30",
+                      "--config.optimizer.grad_clip_norm=0", "--config.train.checkpoint_every=1")  # fmt: skip
+    assert result.returncode != 0
+    assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
+    bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "1a" / "checkpoints") if d.isdigit())
+    assert saved and max(saved) == bad_step - 1
+    assert not os.path.isdir(tmp_path / "1a" / "final")
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    cmd = [sys.executable, "-m", "catflax.main", f"--workdir={tmp_path}", *TINY,
+           *steps(100000, ("1a",)), "--config.train.checkpoint_every=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = tmp_path / "1a" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(tmp_path / "1a" / "checkpoints") if d.isdigit()]
+    assert saved and 0 < max(saved) < 100000
+    assert "SIGTERM" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(workdir, args):
+    port = free_port()
+    procs = []
+    for i in range(2):
+        env = env_for({
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        }, devices=2)  # fmt: skip
+        cmd = [sys.executable, "-m", "catflax.main", f"--workdir={workdir}", *TINY, *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=600))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def stage_losses(stdout: str) -> dict[str, list[float]]:
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("stage ") and " done: " in line:
+            found[line.split()[1]] = json.loads(line.split("losses ")[1])
+    return found
+
+
+def test_two_processes_train_save_restore_and_agree(tmp_path):
+    first = run_two_processes(tmp_path, steps(2, ("1a", "1b")))
+    second = run_two_processes(tmp_path, steps(2))  # 1a/1b skipped; 2a restores both finals
+    for outputs, stages in ((first, ("1a", "1b")), (second, ("2a", "2b"))):
+        p0, p1 = stage_losses(outputs[0]), stage_losses(outputs[1])
+        assert set(p0) == set(p1) == set(stages)
+        assert p0 == p1  # every process sees the same global loss
