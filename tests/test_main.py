@@ -19,10 +19,13 @@ def run_main(tmp_path, *args):
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_demo_config_runs(tmp_path):
-    result = run_main(tmp_path / "wd")
+def test_demo_config_builds_every_part(tmp_path):
+    # The full demo run (all four stages) is tests/test_train_run.py's end-to-end test.
+    result = run_main(tmp_path / "wd", "--config.dry_run=True")
     assert result.returncode == 0, result.stderr
     assert "clip_text: 1,600,672 parameters" in result.stdout
+    for part in ("clip_vision", "vae", "unet", "inpainter"):
+        assert f"{part}: " in result.stdout
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):

@@ -74,7 +74,10 @@ def test_four_stages_end_to_end_then_skip(tmp_path):
     for stage in ("1a", "1b", "2a", "2b"):
         assert f"stage {stage} done" in result.stdout
         assert os.path.isdir(tmp_path / stage / "final")
-        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / stage / "tensorboard"))
+        assert any(
+            f.startswith("events.out.tfevents")
+            for f in os.listdir(tmp_path / stage / "tensorboard")
+        )
         assert losses(tmp_path, stage)[0] == [1, 2]
     assert "from stage 1a" in result.stderr and "from stage 1b" in result.stderr  # the merge
     again = run_main(tmp_path, *steps(2))
@@ -98,7 +101,10 @@ def test_exact_resume_after_sigkill(tmp_path):
     steps_b, losses_b = losses(tmp_path / "b", "1b")
     assert steps_a == steps_b == [1, 2, 3, 4, 5, 6]
     assert losses_a == losses_b  # bitwise: same batches, same noise, same updates
-    a, b = dict(flat(final_params(tmp_path / "a", "1b"))), dict(flat(final_params(tmp_path / "b", "1b")))
+    a, b = (
+        dict(flat(final_params(tmp_path / "a", "1b"))),
+        dict(flat(final_params(tmp_path / "b", "1b"))),
+    )
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -47,7 +47,9 @@ def test_sharded_step_equals_single_device(stage):
     mesh = sharding_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
     abstract = nnx.eval_shape(lambda: CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)))
     shardings = sharding_lib.param_shardings(abstract, mesh)
-    assert any(s.spec != jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in shardings.values())
+    assert any(
+        s.spec != jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in shardings.values()
+    )
     trainable_sh, frozen_sh = place(trainable, shardings), place(frozen, shardings)
     state = jax.jit(lambda p: create_state(p, tx, jax.random.key(1), ema=False))(trainable_sh)
     global_batch = sharding_lib.global_batch(batch, mesh)

@@ -25,6 +25,7 @@ from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.train import optim, stages
 from catflax.train.checkpoint import Checkpointer
 from catflax.train.metrics import MetricWriter
+from catflax.train.samples import write_sample_grid
 from catflax.train.steps import StepConfig, create_state, jit_step, sharding_of
 
 
@@ -184,6 +185,10 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
                 "stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step
             )
             raise SystemExit(0)
+        every = config.train.sample_every
+        if spec.step == "denoise" and (step == scfg.steps or (every and step % every == 0)):
+            write_sample_grid(graphdef, state.params, frozen, config, writer, step,
+                              os.path.join(stage_dir, "samples", f"{step}.png"))  # fmt: skip
         if step < scfg.steps:
             batch = data_iter.next_global(mesh)
     if pending is not None:
