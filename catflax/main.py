@@ -56,8 +56,9 @@ def train_and_evaluate(config, workdir: str) -> None:
     for stage in config.stages:
         result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config))
         if not result.skipped:
+            curve = json.dumps([round(x, 6) for x in result.losses])
             print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "
-                  f"losses {json.dumps([round(x, 6) for x in result.losses])}", flush=True)  # fmt: skip
+                  f"losses {curve}", flush=True)  # fmt: skip
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -111,8 +111,8 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
-    result = run_main(tmp_path, *steps(20, ("1a",)), "--config.stage_1a.lr_fast=1e30",
-                      "--config.optimizer.grad_clip_norm=0", "--config.train.checkpoint_every=1")  # fmt: skip
+    blow_up = ["--config.stage_1a.lr_fast=1e30", "--config.optimizer.grad_clip_norm=0"]
+    result = run_main(tmp_path, *steps(20, ("1a",)), *blow_up, "--config.train.checkpoint_every=1")
     assert result.returncode != 0
     assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
     bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
@@ -131,7 +131,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     saved = [int(d) for d in os.listdir(tmp_path / "1a" / "checkpoints") if d.isdigit()]
     assert saved and 0 < max(saved) < 100000
