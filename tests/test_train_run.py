@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -30,15 +29,10 @@ def steps(n: int, stages=("1a", "1b", "2a", "2b")) -> list[str]:
     ]
 
 
-# One persistent compilation cache for every run in this module: the runs share shapes.
-CACHE_DIR = tempfile.mkdtemp(prefix="catflax-test-jax-cache-")
-
-
 def env_for(extra=None, devices: int = 4):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE")  # set by conftest.py
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k.startswith(keep)}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env.update(JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # fmt: skip
     env.update(extra or {})
     return env
 

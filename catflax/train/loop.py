@@ -15,6 +15,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -39,8 +40,25 @@ def abstract_model(config) -> CATDiffusion:
     return nnx.eval_shape(lambda: CATDiffusion(cat_cfg, rngs=nnx.Rngs(config.seed)))
 
 
+_INIT_CACHE: dict = {}
+
+
 def init_params(config, mesh) -> tuple[nnx.GraphDef, nnx.State, dict]:
-    """Random parameters created directly in their shardings (nothing lands on one device)."""
+    """Random parameters created directly in their shardings (nothing lands on one device).
+
+    Every stage starts from the same seeded init; it is computed once per process (the jitted
+    init of hundreds of random tensors compiles slowly on CPU) and copied for each stage, since
+    the train step donates its buffers.
+    """
+    key = (config.model.to_json(), config.seed, str(config.sharding_rules), id(mesh))
+    if key not in _INIT_CACHE:
+        _INIT_CACHE.clear()
+        _INIT_CACHE[key] = _init_params(config, mesh)
+    graphdef, params, shardings = _INIT_CACHE[key]
+    return graphdef, jax.tree.map(jnp.copy, params), shardings
+
+
+def _init_params(config, mesh):
     cat_cfg = CATConfig.from_dict(config.model)
     abstract = abstract_model(config)
     shardings = sharding_lib.param_shardings(abstract, mesh, dict(config.sharding_rules))
