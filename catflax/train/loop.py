@@ -183,34 +183,38 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
     global_batch = batch[next(iter(batch))].shape[0]
     step = start_step
     kill_at = int(os.environ.get("CATFLAX_TEST_KILL_AT_STEP", "0"))  # resume tests only
-    while step < scfg.steps:
-        if step + 1 == kill_at:  # a hard kill once the last checkpoint has landed
-            ckpt.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-        state, metrics = compiled(state, frozen, batch)
-        step += 1
+    try:
+        while step < scfg.steps:
+            if step + 1 == kill_at:  # a hard kill once the last checkpoint has landed
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            state, metrics = compiled(state, frozen, batch)
+            step += 1
+            if pending is not None:
+                losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+                last_time = time.time()
+            pending = (step, metrics, data_iter.skipped())
+            if step % config.train.checkpoint_every == 0 or step == scfg.steps or stop.requested:
+                losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+                pending = None
+                ckpt.save(step, state, data_iter.checkpointable(), config)
+            if stop.requested:
+                ckpt.wait()
+                logging.warning(
+                    "stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step
+                )
+                raise SystemExit(0)
+            every = config.train.sample_every
+            if spec.step == "denoise" and (step == scfg.steps or (every and step % every == 0)):
+                write_sample_grid(graphdef, state.params, frozen, config, writer, step,
+                                  os.path.join(stage_dir, "samples", f"{step}.png"))  # fmt: skip
+            if step < scfg.steps:
+                batch = data_iter.next_global(mesh)
         if pending is not None:
             losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
-            last_time = time.time()
-        pending = (step, metrics, data_iter.skipped())
-        if step % config.train.checkpoint_every == 0 or step == scfg.steps or stop.requested:
-            losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
-            pending = None
-            ckpt.save(step, state, data_iter.checkpointable(), config)
-        if stop.requested:
-            ckpt.wait()
-            logging.warning(
-                "stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step
-            )
-            raise SystemExit(0)
-        every = config.train.sample_every
-        if spec.step == "denoise" and (step == scfg.steps or (every and step % every == 0)):
-            write_sample_grid(graphdef, state.params, frozen, config, writer, step,
-                              os.path.join(stage_dir, "samples", f"{step}.png"))  # fmt: skip
-        if step < scfg.steps:
-            batch = data_iter.next_global(mesh)
-    if pending is not None:
-        losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+    except NonFiniteLossError:
+        ckpt.wait()  # the last good checkpoint lands before the run stops
+        raise
     ckpt.wait()
     ckpt.close()
     final = state.params if state.ema is None or not config.train.export_ema else state.ema
