@@ -53,6 +53,10 @@ def train_and_evaluate(config, workdir: str) -> None:
         return
     mesh = sharding.make_mesh(dict(config.mesh))
     distributed.log_mesh(mesh)
+    if jax.process_index() == 0:  # the run's config, for catflax.export
+        from etils import epath
+
+        epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
     for stage in config.stages:
         result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config))
         if not result.skipped:

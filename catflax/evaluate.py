@@ -1,0 +1,403 @@
+r"""Evaluate a model on a prepared dataset: generate; write images, metrics and a contact sheet.
+
+    python -m catflax.evaluate --weights=PIPELINE_DIR --dataset=coco_inpaint --split=validation \
+        --num=1000 --masks=box --out=eval/ [--clip=clip-vit-large-patch14] \
+        [--inception=fid_inception.safetensors] [--data_dir=~/tensorflow_datasets] \
+        [--batch_size=16] [--num_steps=50] [--guidance_scale=7.5] [--seed=0]
+
+Examples are the first `--num` object examples of the split, in order (text-image pairs, records
+that do not decode and masks that vanish at the model resolution are skipped and counted).
+`--masks=seg` uses the object mask, `--masks=box` its filled bounding box. Image and mask are
+resized to the model resolution (SPEC.md §4 evaluation); example i is generated with seed
+`--seed + i` and classifier-free guidance in one batch, each batch split over all local devices
+with the model replicated; the result is pasted back (outside the mask exactly the input).
+
+OUT/ gets images/ (generated), inputs/ (the input at the model resolution: the reference set of
+FID/CMMD), masks/ (the binary mask), all PNG; metrics.json (preservation always; CLIP score,
+CLIP-FD and CMMD with --clip; FID with --inception; docs/EVALUATION.md); contact_sheet.png and
+index.html (input, mask, prompt, output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from absl import flags
+from PIL import Image, ImageDraw
+
+MASK_KINDS = ("box", "seg")
+SHEET_CELL = (128, 256)  # contact sheet cells: model images scaled into this range of sides
+
+
+@dataclasses.dataclass
+class Options:
+    weights: str | None = None
+    dataset: str | None = None
+    split: str = "validation"
+    num: int = 100
+    masks: str = "seg"
+    out: str | None = None
+    clip: str | None = None
+    inception: str | None = None
+    data_dir: str = ""
+    batch_size: int = 16
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    paste_back: bool = True
+    dtype: str = "float32"
+    resolution: int | None = None
+    sheet_rows: int = 16
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_flags(cls, fv: flags.FlagValues) -> Options:
+        return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
+
+
+_FLAGS = (  # (define, name, default, help)
+    (flags.DEFINE_string, "weights", None, "catflax export directory or CAT checkpoint file"),
+    (flags.DEFINE_string, "dataset", None, "prepared TFDS dataset (e.g. coco_inpaint)"),
+    (flags.DEFINE_string, "split", "validation", "dataset split"),
+    (flags.DEFINE_integer, "num", 100, "number of examples (the first ones with a mask)"),
+    (flags.DEFINE_string, "masks", "seg", "seg: the object mask; box: its filled bounding box"),
+    (flags.DEFINE_string, "out", None, "output directory"),
+    (flags.DEFINE_string, "clip", None, "transformers CLIPModel dir: CLIP score, CLIP-FD, CMMD"),
+    (flags.DEFINE_string, "inception", None, "FID Inception weights (.safetensors or .pth)"),
+    (flags.DEFINE_string, "data_dir", "", "TFDS data_dir ('' = TFDS default)"),
+    (flags.DEFINE_integer, "batch_size", 16, "examples per model call (rounded up to devices)"),
+    (flags.DEFINE_integer, "num_steps", None, "DDIM steps (default: the pipeline's, 50)"),
+    (flags.DEFINE_float, "guidance_scale", None, "classifier-free guidance (default 7.5)"),
+    (flags.DEFINE_integer, "seed", 0, "example i uses seed + i"),
+    (flags.DEFINE_bool, "paste_back", True, "keep pixels outside the mask exactly the input's"),
+    (flags.DEFINE_string, "dtype", "float32", "compute dtype: float32 or bfloat16"),
+    (flags.DEFINE_integer, "resolution", None, "model image side (default: the pipeline's)"),
+    (flags.DEFINE_integer, "sheet_rows", 16, "examples on contact_sheet.png (index.html: all)"),
+    (flags.DEFINE_bool, "allow_pickle", False, "allow pickled weight files (runs code)"),
+)
+
+
+def _flag_values() -> flags.FlagValues:
+    """The command's flags on a private FlagValues (no clash with other CLIs)."""
+    fv = flags.FlagValues()
+    for define, name, default, help_ in _FLAGS:
+        define(name, default, help_, flag_values=fv)
+    return fv
+
+
+def parse(argv: Sequence[str]) -> Options:
+    """Options from command-line arguments."""
+    fv = _flag_values()
+    fv(["evaluate", *argv])
+    return Options.from_flags(fv)
+
+
+@dataclasses.dataclass
+class Example:
+    index: int  # record index in the split
+    example_id: str
+    prompt: str
+    image: np.ndarray  # (R,R,3) uint8, at the model resolution
+    mask: np.ndarray  # (R,R) uint8 0/255, binary, at the model resolution
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def filled_box(mask_HW: np.ndarray) -> np.ndarray:
+    """The filled bounding box (0/255) of the mask's pixels >= 128."""
+    from catflax.data import geometry
+
+    out = np.zeros(np.shape(mask_HW), np.uint8)
+    found = geometry.extent(mask_HW)
+    if found is not None:
+        top, bottom, left, right = found
+        out[top : bottom + 1, left : right + 1] = 255
+    return out
+
+
+def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[Example], dict]:
+    """The first `num` usable object examples of a record source, resized to `resolution`, and
+    the counts of records skipped by reason."""
+    from catflax.data import geometry, records
+
+    if masks not in MASK_KINDS:
+        raise ValueError(f"--masks={masks!r}: choose one of {list(MASK_KINDS)}")
+    examples, skipped = [], dict(no_mask=0, corrupt=0, empty_mask=0)
+    for index in range(len(source)):
+        if len(examples) == num:
+            break
+        record = source[index]
+        if not len(record["mask"]):
+            skipped["no_mask"] += 1
+            continue
+        try:
+            image = records.decode_image(record["image"])
+            mask = records.decode_mask(record["mask"], image.size)
+        except records.DecodeError:
+            skipped["corrupt"] += 1
+            continue
+        mask = filled_box(mask) if masks == "box" else mask
+        size = (resolution, resolution)  # PIL's default resample, as SPEC.md §4 evaluation
+        mask_R = np.asarray(Image.fromarray(mask).resize(size))
+        binary = np.where(geometry.binary(mask_R), 255, 0).astype(np.uint8)
+        if masks == "box":  # a box's corners can round away in the resize: keep it a box
+            binary = filled_box(binary)
+        if not binary.any():
+            skipped["empty_mask"] += 1
+            continue
+        examples.append(
+            Example(index, records.text(record["example_id"]), records.text(record["label"]),
+                    np.asarray(image.resize(size)), binary)
+        )  # fmt: skip
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation, sharded over the local devices
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardedSampler:
+    """CATPipeline sampling with the model replicated on a mesh of the local devices and every
+    batch split over them (jax.jit follows the inputs' shardings)."""
+
+    def __init__(self, pipe, devices=None):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        from catflax.tokenizer import tokenize
+
+        self.pipe = pipe
+        self.devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.asarray(self.devices), ("data",))
+        self.state = jax.device_put(pipe.state, NamedSharding(self.mesh, PartitionSpec()))
+        self._split = lambda a: jax.device_put(
+            a, NamedSharding(self.mesh, PartitionSpec("data", *([None] * (a.ndim - 1))))
+        )
+        length = pipe.model.config.clip_text.max_positions
+        self.empty_ids = tokenize([""], pipe.tokenizer, length)[0]
+        self.tokenize = lambda prompts: tokenize(list(prompts), pipe.tokenizer, length)
+
+    def batch_size(self, wanted: int) -> int:
+        """`wanted` rounded up to a multiple of the device count."""
+        n = len(self.devices)
+        return max(1, math.ceil(wanted / n)) * n
+
+    def sample_on_devices(self, batch, seeds, num_steps=None, guidance_scale=None, eta=None):
+        """(B,R,R,3) uint8 samples as a jax.Array split over the devices, as
+        `CATPipeline.sample` computes them (B a multiple of the device count)."""
+        from catflax import pipeline as pipeline_lib
+
+        s = self.pipe.sampling
+        num_steps = s.num_steps if num_steps is None else int(num_steps)
+        guidance = s.guidance_scale if guidance_scale is None else float(guidance_scale)
+        eta = float(s.eta if eta is None else eta)
+        ids = np.asarray(batch["input_ids"], np.int32)
+        if len(ids) % len(self.devices) or len(seeds) != len(ids):
+            raise ValueError(
+                f"batch {len(ids)}, seeds {len(seeds)}: need equal multiples of "
+                f"{len(self.devices)} devices"
+            )
+        inputs = {k: np.asarray(batch[k]) for k in ("masked512", "masked224", "mask64", "mask16")}
+        inputs.update(input_ids=ids, empty_ids=np.broadcast_to(self.empty_ids, ids.shape),
+                      seeds=np.asarray(seeds, np.uint32))  # fmt: skip
+        return pipeline_lib._generate(
+            self.pipe.graphdef, self.state, {k: self._split(v) for k, v in inputs.items()},
+            np.float32(guidance), num_steps=num_steps, eta=eta, guided=guidance != 1.0,
+        )  # fmt: skip
+
+    def __call__(self, batch, seeds, num_steps=None, guidance_scale=None, eta=None) -> np.ndarray:
+        """The samples of `sample_on_devices` as one host numpy array."""
+        import jax
+
+        images = self.sample_on_devices(batch, seeds, num_steps, guidance_scale, eta)
+        return np.asarray(jax.device_get(images))
+
+
+def generate(sampler: ShardedSampler, examples: Sequence[Example], opts: Options, report=print):
+    """Generated (R,R,3) uint8 images, one per example, pasted back if opts.paste_back."""
+    size = sampler.batch_size(opts.batch_size)
+    outputs = []
+    for start in range(0, len(examples), size):
+        chunk = list(examples[start : start + size])
+        padded = chunk + [chunk[0]] * (size - len(chunk))  # one compiled batch size for all
+        batch = sampler.pipe.prepare([(Image.fromarray(e.image), e.mask) for e in padded])
+        batch["input_ids"] = sampler.tokenize([e.prompt for e in padded])
+        seeds = [opts.seed + start + i for i in range(size)]
+        images = sampler(batch, seeds, opts.num_steps, opts.guidance_scale)[: len(chunk)]
+        for example, image in zip(chunk, images):
+            if opts.paste_back:
+                image = np.where(example.mask[..., None] > 127, image, example.image)
+            outputs.append(image.astype(np.uint8))
+        report(f"evaluate: generated {len(outputs)}/{len(examples)}")
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(value):
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def contact_sheet(examples, generated, rows: int) -> Image.Image:
+    """Rows of input | mask | output, with the prompt above each row."""
+    R = examples[0].image.shape[0]
+    cell = min(max(R, SHEET_CELL[0]), SHEET_CELL[1])
+    text_h, rows = 14, min(rows, len(examples))
+    sheet = Image.new("RGB", (3 * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (example, image) in enumerate(zip(examples[:rows], generated)):
+        y = r * (cell + text_h)
+        draw.text((2, y + 1), f"{r}: {example.prompt}"[:80], fill="black")
+        for c, a in enumerate((example.image, np.repeat(example.mask[..., None], 3, -1), image)):
+            sheet.paste(Image.fromarray(a).resize((cell, cell), Image.Resampling.NEAREST),
+                        (c * cell, y + text_h))  # fmt: skip
+    return sheet
+
+
+def write_index_html(path: str, rows: list[dict], summary: dict) -> None:
+    """One table row per example: number, input, mask, prompt, output, its metrics."""
+    metric = ("_outside", "clip_score", "clip_score_crop")
+    cells = "\n".join(
+        f"<tr><td>{r['number']}</td><td><img src='{r['input']}'></td><td><img src='{r['mask']}'>"
+        f"</td><td>{html.escape(r['prompt'])}</td><td><img src='{r['image']}'></td><td>"
+        + html.escape(json.dumps({k: r[k] for k in r if k.endswith(metric)}))
+        + "</td></tr>"
+        for r in rows
+    )
+    metrics = html.escape(json.dumps(summary, indent=1))
+    with open(path, "w") as f:
+        f.write(
+            "<!doctype html><meta charset='utf-8'><title>catflax evaluation</title>"
+            "<style>img{width:192px;image-rendering:pixelated}td{vertical-align:top}</style>"
+            f"<pre>{metrics}</pre><table><tr><th>#</th><th>input</th><th>mask</th>"
+            f"<th>prompt</th><th>output</th><th>metrics</th></tr>\n{cells}\n</table>\n"
+        )
+
+
+def run(opts: Options, pipeline=None, report=print) -> dict:
+    """The whole evaluation (with `pipeline` if given); returns metrics.json's content."""
+    import jax
+
+    from catflax.data import sources
+    from catflax.metrics import CLIPScorer, InceptionV3, compute_metrics
+
+    missing = [f"--{n}" for n in ("weights", "dataset", "out") if not getattr(opts, n)]
+    if missing and not (pipeline is not None and missing == ["--weights"]):
+        raise ValueError(f"missing {', '.join(missing)}")
+    if opts.num < 1:
+        raise ValueError(f"--num={opts.num} must be positive")
+    if opts.masks not in MASK_KINDS:
+        raise ValueError(f"--masks={opts.masks!r}: choose one of {list(MASK_KINDS)}")
+    if jax.process_count() > 1:
+        raise ValueError("catflax.evaluate runs on one host (all its local devices)")
+    if pipeline is None:
+        from catflax.pipeline import CATPipeline
+
+        pipeline = CATPipeline.from_pretrained(
+            opts.weights, clip_path=opts.clip, dtype=opts.dtype, resolution=opts.resolution,
+            allow_pickle=opts.allow_pickle,
+        )  # fmt: skip
+    # Metric models first, so that a bad path fails before the generation.
+    clip = (
+        CLIPScorer.from_pretrained(opts.clip, allow_pickle=opts.allow_pickle) if opts.clip else None
+    )
+    inception = None
+    if opts.inception:
+        inception = InceptionV3.from_pretrained(opts.inception, allow_pickle=opts.allow_pickle)
+    source = sources.open_tfds(opts.dataset, opts.split, opts.data_dir)
+    examples, skipped = read_examples(source, opts.num, opts.masks, pipeline.resolution)
+    if not examples:
+        raise ValueError(f"{opts.dataset}/{opts.split}: no usable example (skipped: {skipped})")
+    if len(examples) < opts.num:
+        report(f"evaluate: only {len(examples)} usable examples in {opts.dataset}/{opts.split}")
+    sampler = ShardedSampler(pipeline)
+    generated = generate(sampler, examples, opts, report)
+
+    for folder in ("images", "inputs", "masks"):
+        os.makedirs(os.path.join(opts.out, folder), exist_ok=True)
+    rows = []
+    for number, (example, image) in enumerate(zip(examples, generated)):
+        names = {"image": f"images/{number:05d}.png", "input": f"inputs/{number:05d}.png",
+                 "mask": f"masks/{number:05d}.png"}  # fmt: skip
+        for key, array in (("image", image), ("input", example.image), ("mask", example.mask)):
+            Image.fromarray(array).save(os.path.join(opts.out, names[key]))
+        rows.append(dict(number=number, record=example.index, example_id=example.example_id,
+                         prompt=example.prompt, seed=opts.seed + number, **names))  # fmt: skip
+    prompts = [e.prompt for e in examples]
+    originals, masks = [e.image for e in examples], [e.mask for e in examples]
+    if inception is not None and len(examples) < 2:
+        report("evaluate: FID needs at least 2 images; skipped")
+        inception = None
+    summary, per_example = compute_metrics(generated, originals, masks, prompts,
+                                           inception=inception, clip=clip)  # fmt: skip
+    for name, values in per_example.items():
+        for row, value in zip(rows, values):
+            row[name] = _finite_or_none(float(value))
+    s = pipeline.sampling
+    result = {
+        "metrics": {k: _finite_or_none(v) for k, v in summary.items()},
+        "settings": dict(
+            weights=opts.weights,
+            dataset=opts.dataset,
+            split=opts.split,
+            num=len(examples),
+            masks=opts.masks,
+            seed=opts.seed,
+            resolution=pipeline.resolution,
+            num_steps=s.num_steps if opts.num_steps is None else opts.num_steps,
+            guidance_scale=s.guidance_scale if opts.guidance_scale is None else opts.guidance_scale,
+            eta=s.eta,
+            batch_size=sampler.batch_size(opts.batch_size),
+            paste_back=opts.paste_back,
+            devices=len(sampler.devices),
+            dtype=opts.dtype,
+            clip=opts.clip,
+            inception=opts.inception,
+            skipped=skipped,
+        ),
+        "examples": rows,
+    }
+    with open(os.path.join(opts.out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    contact_sheet(examples, generated, opts.sheet_rows).save(
+        os.path.join(opts.out, "contact_sheet.png")
+    )
+    write_index_html(os.path.join(opts.out, "index.html"), rows, result["metrics"])
+    report(f"evaluate: wrote {opts.out} ({len(examples)} examples): {result['metrics']}")
+    return result
+
+
+def main(argv: Sequence[str]) -> int:
+    from catflax.images import ImageReadError
+    from catflax.weights.io import WeightFileError
+
+    if {"-h", "--help", "--helpshort"} & set(argv):
+        print(__doc__ + "\nflags:\n" + _flag_values().get_help())
+        return 0
+    try:
+        run(parse(argv))
+    except (flags.Error, FileNotFoundError, KeyError, ImageReadError, WeightFileError,
+            ValueError) as e:  # fmt: skip
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,185 @@
+"""The evaluation command end to end on a tiny model and the synthetic dataset: generation sharded
+over 8 devices (equal to CATPipeline.sample), images, metrics.json, contact sheet, errors."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from PIL import Image
+
+from catflax import evaluate
+from catflax.metrics import inception
+from catflax.models.cat import CATDiffusion
+from catflax.pipeline import CATPipeline
+from catflax.weights import convert, io
+from tests.tiny import TINY_CAT
+
+# The tiny model with the real CLIP vocabulary, so prompts go through the real tokenizer.
+CFG = dataclasses.replace(
+    TINY_CAT,
+    clip_text=dataclasses.replace(TINY_CAT.clip_text, vocab_size=49408, eos_token_id=49407),
+)
+RES, STEPS, NUM = 16, 2, 5
+DATASET = "synthetic_shapes/tiny"
+
+
+def random_model(seed: int = 0) -> CATDiffusion:
+    """The tiny model with random weights drawn on the host (an eager or jitted nnx init of a few
+    hundred tensors takes 30-80 s on a busy 2-core machine)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, var):
+        shape, leaf = var.shape, path[-1]
+        if leaf == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif leaf == "bias":
+            value = 0.05 * rng.standard_normal(shape)
+        else:  # kernels, embeddings, tables: unit variance after the contraction
+            value = rng.standard_normal(shape) / np.sqrt(max(1, np.prod(shape[:-1])))
+        return var.replace(jnp.asarray(value.astype(var.dtype)))
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CATDiffusion(CFG, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.map_state(draw, state))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(pipeline, its export directory, a TFDS data_dir, a CLIP directory, an Inception file)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    model = random_model()
+    pipe = CATPipeline.from_model(
+        model, resolution=RES, sampling=dict(num_steps=STEPS, guidance_scale=3.0, eta=0.0)
+    )
+    pipe.save_pretrained(str(root / "weights"))
+    torch.manual_seed(0)
+    text = dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, eos_token_id=49407, bos_token_id=49406,
+                pad_token_id=49407)  # fmt: skip
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    transformers.CLIPModel(config).save_pretrained(root / "clip")
+    # FID Inception weights: random, scaled so activations stay O(1) through the 94 convs.
+    rng = np.random.default_rng(0)
+    abstract = nnx.eval_shape(lambda: inception.InceptionV3(rngs=nnx.Rngs(0)))
+    weights, names = {}, convert.torch_names(abstract)
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        src = names[path]
+        shape = convert.expected_source_shape(var.get_value().shape, src.layout)
+        positive = src.key.endswith(("running_var", "bn.weight"))
+        scale = np.sqrt(2.0 / np.prod(shape[1:])) if src.layout == "conv" else 0.05
+        sample = rng.uniform(0.5, 1.5, shape) if positive else rng.normal(0, scale, shape)
+        weights[src.key] = sample.astype(np.float32)
+    io.write_safetensors(str(root / "fid.safetensors"), weights)
+    return (
+        pipe,
+        str(root / "weights"),
+        str(root / "data"),
+        str(root / "clip"),
+        str(root / "fid.safetensors"),
+    )
+
+
+def args(setup, out, *extra):
+    _, weights, data_dir, _, _ = setup
+    return [f"--weights={weights}", f"--dataset={DATASET}", f"--data_dir={data_dir}",
+            "--split=validation", f"--num={NUM}", f"--out={out}", "--batch_size=4",
+            f"--num_steps={STEPS}", *extra]  # fmt: skip
+
+
+def test_evaluate_writes_images_metrics_and_contact_sheet(setup, tmp_path):
+    _, _, _, clip_dir, fid_file = setup
+    out = tmp_path / "eval"
+    code = evaluate.main(args(setup, out, "--masks=box", f"--clip={clip_dir}",
+                              f"--inception={fid_file}"))  # fmt: skip
+    assert code == 0
+    with open(out / "metrics.json") as f:
+        result = json.load(f)
+    metrics, settings, rows = result["metrics"], result["settings"], result["examples"]
+    assert metrics["count"] == NUM and len(rows) == NUM
+    # Pasted back: every pixel outside the mask is the input's, exactly.
+    assert metrics["mse_outside"] == 0.0 and metrics["psnr_outside"] == 100.0
+    for key in ("fid", "clip_fd", "cmmd", "clip_score", "clip_score_crop"):
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), (key, metrics[key])
+    assert settings["devices"] == 8 and settings["batch_size"] == 8  # 4 rounded up to 8 devices
+    assert [r["seed"] for r in rows] == list(range(NUM))
+    for row in rows:
+        image, original, mask = (
+            np.asarray(Image.open(out / row[k])) for k in ("image", "input", "mask")
+        )
+        assert image.shape == original.shape == (RES, RES, 3) and mask.shape == (RES, RES)
+        np.testing.assert_array_equal(mask, evaluate.filled_box(mask))  # a filled box
+        assert set(np.unique(mask)) <= {0, 255} and mask.any()
+        np.testing.assert_array_equal(image[mask == 0], original[mask == 0])
+        assert not np.array_equal(image[mask > 0], original[mask > 0])  # generated inside
+        assert np.isfinite(row["clip_score"]) and row["psnr_outside"] == 100.0
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size[0] == 3 * 128 and sheet.size[1] == NUM * (128 + 14)
+    page = (out / "index.html").read_text()
+    assert all(r["prompt"] in page and r["image"] in page for r in rows)
+
+
+def test_sharded_sampling_equals_the_pipeline(setup):
+    """The batch split over 8 devices gives what CATPipeline.sample gives on one."""
+    pipe, _, data_dir, _, _ = setup
+    from catflax.data import sources
+
+    source = sources.open_tfds(DATASET, "validation", data_dir)
+    examples, _ = evaluate.read_examples(source, 8, "seg", RES)
+    sampler = evaluate.ShardedSampler(pipe)
+    batch = pipe.prepare([(Image.fromarray(e.image), e.mask) for e in examples])
+    batch["input_ids"] = sampler.tokenize([e.prompt for e in examples])
+    seeds = list(range(10, 18))
+    on_devices = sampler.sample_on_devices(batch, seeds)
+    assert len(on_devices.sharding.device_set) == 8
+    assert on_devices.sharding.shard_shape(on_devices.shape)[0] == 1  # 8 examples / 8 devices
+    reference = pipe.sample(batch, seeds)
+    diff = np.abs(np.asarray(on_devices).astype(int) - reference.astype(int))
+    print(
+        f"sharded vs single-device samples: max |diff| {diff.max()} (uint8), mean {diff.mean():.4f}"
+    )
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_seg_masks_without_paste_back(setup, tmp_path):
+    out = tmp_path / "seg"
+    assert evaluate.main(args(setup, out, "--masks=seg", "--paste_back=false", "--num=3")) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert set(result["metrics"]) == {"count", "reference_count", "mse_outside", "psnr_outside"}
+    assert result["metrics"]["mse_outside"] > 0  # the VAE round trip changes the outside
+    assert 0 < result["metrics"]["psnr_outside"] < 100
+    # Seg masks are the dataset's object masks at the model resolution, thresholded.
+    from catflax.data import records, sources
+
+    record = sources.open_tfds(DATASET, "validation", setup[2])[0]
+    image = records.decode_image(record["image"])
+    mask = records.decode_mask(record["mask"], image.size)
+    want = np.asarray(Image.fromarray(mask).resize((RES, RES))) >= 128
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "00000.png")) > 0, want)
+
+
+def test_filled_box():
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2, 3] = mask[6, 8] = 255
+    mask[9, 0] = 100  # below 128: not masked
+    box = evaluate.filled_box(mask)
+    assert box[2:7, 3:9].min() == 255 and box.sum() == 255 * 5 * 6
+    assert not evaluate.filled_box(np.zeros((4, 4), np.uint8)).any()
+
+
+def test_bad_input_is_a_clear_error(setup, tmp_path, capsys):
+    assert evaluate.main(args(setup, tmp_path, "--masks=ellipse")) == 1
+    assert "--masks='ellipse'" in capsys.readouterr().err
+    assert evaluate.main(args(setup, tmp_path, "--split=nope")) == 1
+    assert "no split 'nope'" in capsys.readouterr().err
+    assert evaluate.main([f"--out={tmp_path}"]) == 1
+    assert "missing --weights, --dataset" in capsys.readouterr().err
+    assert evaluate.main(args(setup, tmp_path, f"--clip={tmp_path / 'none'}")) == 1
+    assert "none" in capsys.readouterr().err
+    assert jax.device_count() == 8
