@@ -1,0 +1,156 @@
+"""Sampling latency: 50-step DDIM with classifier-free guidance, one image and a batch.
+
+    python bench/sampling.py --config=configs/demo.py --batch_sizes=1,4
+    python bench/sampling.py --config=configs/coco.py --batch_sizes=1,8 \
+        --config.model.unet.dtype=bfloat16 --config.model.unet.attention=cudnn
+
+One jitted function with the model state as an argument, as `catflax.pipeline` samples: CLIP
+text (prompt and empty prompt), CLIP vision on the masked image, the semantic inpainter, the
+VAE encoder on the masked image, `num_steps` DDIM steps whose two guidance branches run as one
+2B-batch UNet call, and the VAE decoder. Latency is wall time from inputs on the device to the
+decoded images ready, median of `--repeats` calls after one warm-up; compile time separately.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from bench import common
+from catflax import diffusion
+from catflax.models.cat import CATConfig
+
+FLAGS: dict = {}  # set by define_flags() when run as a script
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"))
+def generate(graphdef, params, inputs, key, guidance_scale, *, num_steps: int):
+    """Inpainted images (B,R,R,3) in [-1,1] (SPEC.md §6)."""
+    model = nnx.merge(graphdef, params)
+    context, label = model.encode_text(inputs["input_ids"])
+    empty_context, _ = model.encode_text(inputs["empty_ids"])
+    tokens = model.semantic_tokens("inpainter", inputs, label)
+    masked_latents = model.encode_latents(inputs["masked512"], jax.random.fold_in(key, 1))
+    mask64 = inputs["mask64"]
+
+    def model_fn(x, t, cond):
+        ctx, tok, mask, latents = cond
+        return model.predict_noise(x, t, mask, latents, ctx, tok)
+
+    cond = (context, tokens, mask64, masked_latents)
+    uncond = (empty_context, jnp.zeros_like(tokens), mask64, masked_latents)
+    shape = (*mask64.shape[:3], model.unet.config.out_channels)
+    latents = diffusion.ddim_sample(
+        model_fn, cond, uncond, key=key, shape=shape, num_steps=num_steps,
+        guidance_scale=guidance_scale,
+    )  # fmt: skip
+    return model.decode_latents(latents)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def guided_unet_call(graphdef, unet_params, x, t, cond, uncond):
+    """One denoising step's model work: the UNet on the 2B batch [uncond; cond]."""
+    unet = nnx.merge(graphdef, unet_params)
+    both = [jnp.concatenate([u, c]) for c, u in zip(cond, uncond)]
+    x2 = jnp.concatenate([x, x])
+    mask, latents, ctx, tok = both
+    return unet(jnp.concatenate([x2, mask, latents], -1), jnp.concatenate([t, t]), ctx, tok)
+
+
+def time_batch(cat_cfg, graphdef, params, b, resolution, num_steps, repeats, scale, seed):
+    """Compile time and latency of `generate` for batch b, and one guided UNet call alone."""
+    host = common.random_batch(cat_cfg, b, resolution, seed=seed)
+    inputs = jax.device_put({k: v for k, v in host.items() if k != "image512"})
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    compiled = generate.lower(graphdef, params, inputs, key, scale, num_steps=num_steps).compile()
+    compile_s = time.perf_counter() - start
+    times = common.time_calls(lambda: compiled(params, inputs, key, scale), repeats)
+    # One step's UNet call alone (2B batch, its own dispatch included), for comparison.
+    unet_graphdef, unet_params = nnx.split(nnx.merge(graphdef, params).unet)
+    u, h = cat_cfg.unet, host["mask64"].shape[1]
+    x = jnp.zeros((b, h, h, u.out_channels))
+    t = jnp.full((b,), 501, jnp.int32)
+    ctx = jnp.zeros((b, cat_cfg.clip_text.max_positions, cat_cfg.clip_text.hidden_size))
+    tok = jnp.zeros((b, (cat_cfg.inpainter.grid_size // 2) ** 2, u.ref_dim))
+    lat = jnp.zeros((b, h, h, u.in_channels - 1 - u.out_channels))
+    cond = (jnp.asarray(host["mask64"]), lat, ctx, tok)
+    unet_call = guided_unet_call.lower(unet_graphdef, unet_params, x, t, cond, cond).compile()
+    unet_times = common.time_calls(lambda: unet_call(unet_params, x, t, cond, cond), repeats)
+    latency = common.summary(times)["median_s"]
+    return dict(
+        compile_s=compile_s, latency_s=latency, latency_s_mean=common.summary(times)["mean_s"],
+        images_per_s=b / latency, unet_cfg_step_ms=common.summary(unet_times)["median_s"] * 1e3,
+    )  # fmt: skip
+
+
+def run(config, batch_sizes, resolution: int, num_steps: int, repeats: int) -> dict:
+    """Times `generate` for each batch size; returns the benchmark record (also printed)."""
+    from catflax import sharding as sharding_lib
+
+    cat_cfg = CATConfig.from_dict(config.model)
+    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    graphdef, params, _ = common.host_init_params(config, mesh, config.seed)
+    scale = float(config.sampling.guidance_scale)
+    results = {
+        str(b): time_batch(cat_cfg, graphdef, params, b, resolution, num_steps, repeats, scale,
+                           config.seed)
+        for b in batch_sizes
+    }  # fmt: skip
+
+    record = dict(
+        benchmark="sampling", **common.machine(), resolution=resolution, num_steps=num_steps,
+        guidance_scale=scale, repeats=repeats,
+        model={k: dict(v) for k, v in config.model.items()}, batches=results,
+    )  # fmt: skip
+    common.emit_json(record)
+    rows = [dict(batch=b, **r) for b, r in results.items()]
+    common.print_table(
+        rows,
+        ["batch", "compile_s", "latency_s", "images_per_s", "unet_cfg_step_ms"],
+        title=f"{num_steps}-step DDIM + CFG at {resolution} px on one {record['device_kind']} "
+        "device (latency: text, tokens, VAE encode, loop, VAE decode)",
+    )
+    return record
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = FLAGS["config"].value
+    run(
+        config,
+        batch_sizes=[int(b) for b in FLAGS["batch_sizes"].value],
+        resolution=FLAGS["resolution"].value or config.data.resolution,
+        num_steps=FLAGS["num_steps"].value or config.sampling.num_steps,
+        repeats=FLAGS["repeats"].value,
+    )
+
+
+def define_flags() -> None:
+    """The command line (only when run as a script, so importing this defines no flags)."""
+    FLAGS["config"] = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
+    FLAGS["batch_sizes"] = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
+    FLAGS["resolution"] = flags.DEFINE_integer(
+        "resolution", None, "Image side (default: config.data)."
+    )
+    FLAGS["num_steps"] = flags.DEFINE_integer(
+        "num_steps", None, "DDIM steps (default: config.sampling)."
+    )
+    FLAGS["repeats"] = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
