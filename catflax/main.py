@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging as pylogging
 import os
 import sys
 
@@ -45,8 +45,6 @@ def train_and_evaluate(config, workdir: str) -> None:
     import jax
 
     from catflax import distributed, sharding
-    from catflax.data.feed import Feed
-    from catflax.train.loop import run_stage
 
     report_sizes(config)
     if config.dry_run:
@@ -57,12 +55,42 @@ def train_and_evaluate(config, workdir: str) -> None:
         from etils import epath
 
         epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
+    with jax.set_mesh(mesh):  # the current mesh: Pallas kernels (splash) shard_map over it
+        _run_stages(config, workdir, mesh)
+    if config.report.enabled:  # the demo: export, sample grid, loss and colour report
+        from catflax import report
+
+        if jax.process_count() == 1:
+            report.run(config, workdir, mesh)
+        else:
+            logging.warning("report skipped: it runs in single-process runs only")
+
+
+def _run_stages(config, workdir: str, mesh) -> None:
+    import jax
+
+    from catflax.data.feed import Feed
+    from catflax.train.loop import run_stage
+
     for stage in config.stages:
         result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config))
         if not result.skipped:
-            curve = json.dumps([round(x, 6) for x in result.losses])
+            first, last = result.losses[0], result.losses[-1]
             print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "
-                  f"losses {curve}", flush=True)  # fmt: skip
+                  f"loss {first:.4g} (first step) -> {last:.4g} (last); per step: "
+                  f"{os.path.join(workdir, stage, 'metrics.jsonl')}", flush=True)  # fmt: skip
+
+
+class _LibraryChatter(pylogging.Filter):
+    """Drops INFO records of orbax and TFDS (a line per checkpoint file and dataset open);
+    their warnings and errors still show. `--verbosity=1` shows everything."""
+
+    QUIET = ("/orbax/", "/tensorflow_datasets/", "/grain/")
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.levelno > pylogging.INFO or logging.get_verbosity() > logging.INFO:
+            return True
+        return not any(q in record.pathname for q in self.QUIET)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -82,6 +110,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from catflax import distributed
 
+    logging.get_absl_handler().addFilter(_LibraryChatter())
     distributed.initialize_distributed()  # before anything else touches devices
     config = _CONFIG.value
     workdir = _WORKDIR.value

@@ -74,6 +74,7 @@ class ColourCheck:
     examples: int
     colours: int  # chance is 1 / colours
     leaked_pixels: int  # original-colour pixels left in the masked model inputs (should be 0)
+    dominant: tuple[str | None, ...] = ()  # per example: the dominant colour in the mask
 
     @property
     def chance(self) -> float:
@@ -142,6 +143,7 @@ def colour_check(
         examples=n,
         colours=len({e.colour for e in examples} | {e.prompt_colour for e in examples}),
         leaked_pixels=_leaked_pixels(pipe, examples),
+        dominant=tuple(dominant),
     )
     return check, samples
 
@@ -160,6 +162,15 @@ def sample_grid(
         ImageDraw.Draw(cells[2]).text((2, 1), e.prompt_colour, fill=(255, 255, 255))
         rows.append(np.concatenate([np.asarray(c.convert("RGB")) for c in cells], 1))
     return np.concatenate(rows, 0)
+
+
+def save_example(example: ColourExample, directory: str) -> dict[str, str]:
+    """A held-out image and its mask as PNGs, for trying the export with catflax.inpaint."""
+    os.makedirs(directory, exist_ok=True)
+    paths = {k: os.path.join(directory, f"{k}.png") for k in ("image", "mask")}
+    Image.fromarray(example.image).save(paths["image"])
+    Image.fromarray(example.mask).save(paths["mask"])
+    return paths | {"prompt": example.prompt}
 
 
 def run(config, workdir: str, mesh) -> dict:
@@ -201,7 +212,15 @@ def run(config, workdir: str, mesh) -> dict:
         grid = sample_grid(examples[: rcfg.grid_rows], samples[: rcfg.grid_rows])
         Image.fromarray(grid).save(summary["samples"])
         lines.append(f"sample grid (masked input | mask | sample): {summary['samples']}")
-    lines.append(f"inference export (python -m catflax.inpaint --weights=...): {summary['export']}")
+        summary["example"] = save_example(examples[0], os.path.join(workdir, "example"))
+    lines.append(f"inference export: {summary['export']}")
+    if "example" in summary:
+        ex = summary["example"]
+        lines.append(
+            f"try it: python -m catflax.inpaint --weights={summary['export']} "
+            f'--image={ex["image"]} --mask={ex["mask"]} --prompt="{ex["prompt"]}" '
+            f"--out={os.path.join(workdir, 'example', 'out.png')}"
+        )
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n".join(lines), flush=True)

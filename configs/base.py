@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.weights.sd = ""
     # An official CAT-Diffusion checkpoint (every part; e.g. to fine-tune it); "" = none.
     config.weights.cat = ""
+    # True: the VAE is a fixed f x f block average / copy (catflax/weights/pooling_vae.py), for
+    # runs without pretrained weights (the demo): a random frozen VAE cannot decode colours.
+    config.weights.pooling_vae = False
     config.weights.allow_pickle = False  # True: .ckpt/.bin pickles may load (torch needed)
     # ------------------------------------------------------------------ data (SPEC.md §4)
     # Built with `python -m catflax.data.prepare`; read by catflax.data.pipeline.from_config.
@@ -98,4 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
         if name == "1a":
             stage.masked_numerator = False  # True: the paper's loss on masked patches only
         config[f"stage_{name}"] = stage
+    # ------------------------------------------------------------------ end-of-run report
+    config.report = ml_collections.ConfigDict()
+    config.report.enabled = False  # after the stages: WORKDIR/export, samples.png, report.json
+    config.report.num_images = 128  # held-out synthetic_shapes images in the colour check
+    config.report.batch_size = 32  # images sampled at once
+    config.report.grid_rows = 8  # rows of WORKDIR/samples.png
     return config

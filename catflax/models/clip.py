@@ -32,7 +32,7 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention: str = "xla"  # xla | cudnn | chunked
+    attention: str = "xla"  # xla | cudnn | chunked | splash (TPU)
     remat: bool = False
 
 

@@ -41,7 +41,7 @@ class InpainterConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention: str = "xla"  # xla | cudnn | chunked
+    attention: str = "xla"  # xla | cudnn | chunked | splash (TPU)
     remat: bool = False
 
     @property

@@ -52,7 +52,7 @@ class UNetConfig:
     ref_dim: int = 1024  # width of the semantic tokens (CLIP vision)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention: str = "xla"  # xla | cudnn | chunked
+    attention: str = "xla"  # xla | cudnn | chunked | splash (TPU)
     remat: bool = False  # recompute res and transformer blocks in the backward pass
 
     def __post_init__(self):

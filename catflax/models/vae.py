@@ -44,7 +44,7 @@ class VAEConfig:
     scaling_factor: float = LATENT_SCALE
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention: str = "xla"  # xla | cudnn | chunked (mid attention over all (H/f)*(W/f) latents)
+    attention: str = "xla"  # xla | cudnn | chunked | splash (TPU); mid attention over (H/f)*(W/f)
     remat: bool = False  # recompute res blocks in the backward pass
 
     def __post_init__(self):

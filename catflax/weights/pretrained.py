@@ -24,6 +24,8 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
     - weights.clip: a transformers CLIP directory (text and vision towers);
     - weights.sd:   SD-1.5-inpainting (diffusers directory or LDM file): UNet and VAE, the
                     reference adapter freshly initialised as stage 1b starts (SPEC.md §2).
+    - weights.pooling_vae: True replaces the VAE by catflax.weights.pooling_vae's fixed
+                    block-average encoder / block-copy decoder (the demo's VAE).
     """
     from catflax.models import clip
     from catflax.models.inpainter import SemanticInpainter
@@ -85,4 +87,10 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
         )
         params["unet"], params["vae"] = _params(unet), _params(vae)
         notes.append(f"UNet and VAE from {w.sd}: {report.summary()}")
+    if w.get("pooling_vae", False):  # the demo: random frozen VAEs cannot decode colours
+        from catflax.weights.pooling_vae import pooling_vae_arrays
+
+        arrays, place = pooling_vae_arrays(cfg.vae), _placer(shardings, "vae")
+        params["vae"] = nnx.map_state(lambda p, v: v.replace(place(p, arrays[p])), params["vae"])
+        notes.append("VAE: the hand-set average-pool / upsample autoencoder (pooling_vae)")
     return notes
