@@ -19,12 +19,11 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from optax.transforms import _masking
 
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig
-from catflax.train import optim, stages
-from catflax.train.steps import StepConfig, create_state
+from catflax.train import optim, stages, steps
+from catflax.train.steps import StepConfig
 
 BOS, EOS = 49406, 49407  # CLIP's start and end (and pad) tokens
 
@@ -131,32 +130,12 @@ def stage_setup(config, stage: str, model: nnx.Module) -> StageSetup:
 
 def tree_of_shardings(state: nnx.State, shardings: Mapping[tuple, Any]) -> Any:
     """A tree shaped like `state` (Variables and all) holding each parameter's sharding."""
-    flat = [shardings[path] for path, _ in nnx.to_flat_state(state)]
-    return jax.tree.unflatten(jax.tree.structure(state), flat)
+    return steps.param_tree_shardings(state, shardings)
 
 
 def train_state_shardings(setup: StageSetup, shardings: Mapping[tuple, Any], mesh, ema: bool):
-    """Shardings of the TrainState: AdamW moments (and EMA) sharded exactly like their
-    parameters, counters and rng replicated. (Creating the state under a plain `jax.jit`
-    leaves the moments replicated: `zeros_like` does not read its input, so nothing carries
-    the parameters' sharding over.)"""
-    params_sh = tree_of_shardings(setup.trainable, shardings)
-    replicated = sharding_lib.replicated(mesh)
-    abstract = jax.eval_shape(
-        lambda p: create_state(p, setup.tx, jax.random.key(0), ema), setup.trainable
-    )
-    opt_sh = optax.tree_utils.tree_map_params(
-        setup.tx,
-        lambda leaf, s: leaf if isinstance(leaf, _masking.MaskedNode) else s,
-        abstract.opt_state,
-        params_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, nnx.Variable | _masking.MaskedNode),
-    )
-    return abstract.replace(
-        step=replicated, params=params_sh, opt_state=opt_sh,
-        ema=params_sh if ema else None, rng=replicated,
-    )  # fmt: skip
+    """The trainer's TrainState shardings (AdamW moments and EMA sharded like their params)."""
+    return steps.state_shardings(setup.trainable, setup.tx, shardings, mesh, ema)
 
 
 def compiled_flops(compiled) -> float:

@@ -10,7 +10,13 @@ from flax import nnx
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATDiffusion
 from catflax.train import optim, stages
-from catflax.train.steps import StepConfig, create_state, jit_step, train_step
+from catflax.train.steps import (
+    StepConfig,
+    create_sharded_state,
+    create_state,
+    jit_step,
+    train_step,
+)
 from tests.tiny import TINY_CAT, random_batch
 
 
@@ -61,6 +67,31 @@ def test_sharded_step_equals_single_device(stage):
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
     for (path, a), (_, b) in zip(leaves(new_state.params), leaves(ref_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_adam_moments_and_ema_are_sharded_like_their_parameters():
+    """The trainer's state: AdamW's mu and nu (and the EMA) in each parameter's sharding."""
+    _, trainable, _, tx, _ = split_for("2b")
+    mesh = sharding_lib.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    abstract = nnx.eval_shape(lambda: CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)))
+    shardings = sharding_lib.param_shardings(abstract, mesh)
+    params = place(trainable, shardings)
+    state = create_sharded_state(params, tx, jax.random.key(0), True, shardings, mesh)
+    def named(tree):  # (names along the path, sharding) of every array
+        return [
+            (tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf.sharding)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if getattr(leaf, "ndim", 0) > 0
+        ]
+
+    by_path = dict(named(state.params))
+    assert any(any(a is not None for a in s.spec) for s in by_path.values()), "nothing split"
+    moments = named(state.opt_state)
+    assert len(moments) == 2 * len(by_path)  # mu and nu of every trainable parameter
+    for names, sharding in moments:
+        param = next(p for p in by_path if names[-len(p) :] == p)
+        assert sharding == by_path[param], (names, sharding, by_path[param])
+    assert dict(named(state.ema)) == by_path
 
 
 @pytest.mark.parametrize("stage", ["1a", "1b", "2a"])

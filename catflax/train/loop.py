@@ -27,7 +27,7 @@ from catflax.train import optim, stages
 from catflax.train.checkpoint import Checkpointer
 from catflax.train.metrics import MetricWriter
 from catflax.train.samples import write_sample_grid
-from catflax.train.steps import StepConfig, create_state, jit_step, sharding_of
+from catflax.train.steps import StepConfig, create_sharded_state, jit_step, sharding_of
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -152,7 +152,8 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
         masked_numerator=scfg.get("masked_numerator", False), ema_decay=config.train.ema_decay,
     )  # fmt: skip
     rng = jax.random.fold_in(jax.random.key(config.seed), stages.STAGE_ORDER.index(stage))
-    state = jax.jit(lambda p, r: create_state(p, tx, r, config.train.ema_decay > 0))(trainable, rng)
+    ema = config.train.ema_decay > 0
+    state = create_sharded_state(trainable, tx, rng, ema, shardings, mesh)
 
     # ---------------------------------------------------------------- data and resume
     data_iter = data_factory(stage)
@@ -205,7 +206,8 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
                 )
                 raise SystemExit(0)
             every = config.train.sample_every
-            if spec.step == "denoise" and (step == scfg.steps or (every and step % every == 0)):
+            at_end = step == scfg.steps and every >= 0
+            if spec.step == "denoise" and (at_end or (every > 0 and step % every == 0)):
                 write_sample_grid(graphdef, state.params, frozen, config, writer, step,
                                   os.path.join(stage_dir, "samples", f"{step}.png"))  # fmt: skip
             if step < scfg.steps:

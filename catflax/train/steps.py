@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+from optax.transforms import _masking
 
 from catflax import diffusion
 from catflax.models import inpainter as inpainter_lib
@@ -41,6 +44,7 @@ class StepConfig:
 
 
 def create_state(params: nnx.State, tx: optax.GradientTransformation, rng, ema: bool):
+    """A fresh TrainState (unsharded: see `create_sharded_state`)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -128,3 +132,36 @@ def jit_step(graphdef, tx, cfg: StepConfig, state_sharding, frozen_sharding, bat
 def sharding_of(tree: Any) -> Any:
     """The shardings of a tree of arrays (for in/out shardings that keep a layout)."""
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def param_tree_shardings(params: nnx.State, shardings: Mapping[tuple, Any]) -> Any:
+    """A tree shaped like `params` (Variables and all) holding each parameter's sharding."""
+    flat = [shardings[path] for path, _ in nnx.to_flat_state(params)]
+    return jax.tree.unflatten(jax.tree.structure(params), flat)
+
+
+def state_shardings(params: nnx.State, tx, shardings: Mapping[tuple, Any], mesh, ema: bool):
+    """Shardings of the TrainState for `params`: AdamW moments (and the EMA) sharded exactly like
+    their parameters, step counters and the rng replicated."""
+    params_sh = param_tree_shardings(params, shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(lambda p: create_state(p, tx, jax.random.key(0), ema), params)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx,
+        lambda leaf, s: leaf if isinstance(leaf, _masking.MaskedNode) else s,
+        abstract.opt_state,
+        params_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, nnx.Variable | _masking.MaskedNode),
+    )
+    return abstract.replace(
+        step=replicated, params=params_sh, opt_state=opt_sh,
+        ema=params_sh if ema else None, rng=replicated,
+    )  # fmt: skip
+
+
+def create_sharded_state(params: nnx.State, tx, rng, ema: bool, shardings, mesh) -> TrainState:
+    """`create_state` with every array in its sharding. (Under a plain jit the moments come out
+    replicated: `zeros_like` does not read its input, so nothing carries the sharding over.)"""
+    out = state_shardings(params, tx, shardings, mesh, ema)
+    return jax.jit(lambda p, r: create_state(p, tx, r, ema), out_shardings=out)(params, rng)

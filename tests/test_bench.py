@@ -1,0 +1,107 @@
+"""Benchmarks: each one's main path runs on the tiny model and prints its JSON line; the jitted
+train step compiles once and is reused across steps; the blocked-attention experiment is exact."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bench import aot_memory, attention_cpu, common, sampling, train_step, vs_pytorch
+from configs import demo
+from tests.tiny import RESOLUTION, TINY_CAT
+
+PARTS = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """configs/demo.py with tests/tiny.py's model on a data=2 x fsdp=4 mesh."""
+    config = demo.get_config()
+    config.model = ml_collections.ConfigDict(
+        {p: dataclasses.asdict(getattr(TINY_CAT, p)) for p in PARTS}
+    )
+    config.data.resolution = RESOLUTION
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    return config
+
+
+def json_line(out: str) -> dict:
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_train_step_bench_compiles_the_step_once(capsys):
+    """The benchmark's JSON line; and its 1 + 3 steps all run on one compilation."""
+    with common.compile_events() as compiled:
+        train_step.run(tiny_config(), batch_size=8, resolution=RESOLUTION, stage_names=["2b"],
+                       steps=2, warmup=1, peak_flops=1e11)  # fmt: skip
+    record = json_line(capsys.readouterr().out)
+    assert record["benchmark"] == "train_step" and record["num_devices"] == 8
+    assert record["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    stage = record["stages"]["2b"]
+    keys = {"compile_s", "step_s", "examples_per_s", "gflop_per_device", "mfu", "memory"}
+    assert keys <= set(stage)
+    assert stage["gflop_per_device"] > 0 and 0 < stage["mfu"] < 1
+    assert stage["examples_per_s"] == pytest.approx(8 / stage["step_s"])
+    assert np.isfinite(stage["loss"]) and stage["memory"]["peak_gib"] > 0
+    assert compiled.count("jit(train_step)") == 1 and stage["recompilations"] == 0, compiled
+
+
+def test_sampling_bench(capsys):
+    sampling.run(tiny_config(), batch_sizes=[2], resolution=RESOLUTION, num_steps=2, repeats=1)
+    record = json_line(capsys.readouterr().out)
+    assert record["benchmark"] == "sampling" and record["num_steps"] == 2
+    assert {"compile_s", "latency_s", "images_per_s", "unet_cfg_step_ms"} <= set(
+        record["batches"]["2"]
+    )
+
+
+def test_vs_pytorch_bench(capsys):
+    record = vs_pytorch.run(TINY_CAT, batch_size=2, resolution=RESOLUTION, steps=1,
+                            variants=["blocked_attention"])  # fmt: skip
+    assert json_line(capsys.readouterr().out) == json.loads(json.dumps(record))
+    v = record["variants"]["blocked_attention"]
+    assert {"ours_step_s", "torch_step_s", "step_ratio", "ours_unet_s", "unet_ratio"} <= set(v)
+    assert v["step_ratio"] == pytest.approx(v["ours_step_s"] / v["torch_step_s"])
+    # Both sides start from the same weights: the UNet-with-adapter forward agrees.
+    assert v["unet_max_abs_diff"] < 1e-4
+    assert set(record["torch_breakdown_s"]) >= {"clip text x2", "vae encoder x2", "backward"}
+
+
+def test_aot_memory_compiles_without_weights():
+    config = tiny_config()
+    # The same step and mesh as test_train_step_bench_compiles_the_step_once, lowered from
+    # abstract shapes (jax reuses that compilation when both run in one session).
+    row = aot_memory.compile_one(config, fsdp=4, global_batch=8, variant="fp32",
+                                 resolution=RESOLUTION)  # fmt: skip
+    assert row["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and row["per_device_batch"] == 1
+    assert row["peak_gib"] > 0 and row["tflop_per_device"] > 0 and row["fits"]["v5e"]
+    assert row["trained_params"] > 0 and row["frozen_params"] > 0
+    assert aot_memory.mesh_fsdp_sizes("1,8,all", 64) == [1, 8, 64]
+    assert aot_memory.mesh_fsdp_sizes("1,8,all", 4) == [1, 4]
+    assert aot_memory.variant_overrides("bf16_remat")["unet"] == {
+        "dtype": "bfloat16",
+        "remat": True,
+    }
+    with pytest.raises(ValueError, match="unknown variant piece"):
+        aot_memory.variant_overrides("fp16")
+
+
+def test_blocked_attention_matches_reference():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 2, 8)), jnp.float32) for _ in range(3))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    blocked = lambda q, k, v: attention_cpu.blocked_attention(q, k, v, query_chunk=16)  # noqa: E731
+    expected = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(blocked(q, k, v), expected, atol=1e-5)
+    grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(grads, ref_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5)
