@@ -34,16 +34,22 @@ def parse_mixture(spec: str) -> tuple[tuple[str, float], ...]:
 def open_tfds(name: str, split: str, data_dir: str, prepare_synthetic: bool = True):
     """The prepared ArrayRecord split of a catflax TFDS dataset as a random-access source.
 
-    `synthetic_shapes` is generated here when missing (it needs no source files)."""
+    `synthetic_shapes` is generated here when missing (it needs no source files). In a
+    multi-process run every process must call this (it holds a barrier): process 0 generates,
+    the others wait, then read."""
     import tensorflow_datasets as tfds
 
     from catflax.data import builders  # registers the builders
 
     del builders
-    builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    synthetic = prepare_synthetic and name.split("/")[0] == "synthetic_shapes"
+    if synthetic:
+        _prepare_synthetic_once(name, data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
-        if prepare_synthetic and name.split("/")[0] == "synthetic_shapes":
-            builder.download_and_prepare()
+        if synthetic:  # one process, or a host that does not see process 0's filesystem
+            builder = _prepare(name, data_dir)
         else:
             raise FileNotFoundError(
                 f"dataset {name!r} is not prepared in {builder.data_dir}; run "
@@ -55,6 +61,40 @@ def open_tfds(name: str, split: str, data_dir: str, prepare_synthetic: bool = Tr
             f"dataset {name!r} has no split {split!r}; it has {list(builder.info.splits)}"
         )
     return builder.as_data_source(split)
+
+
+def _prepare_synthetic_once(name: str, data_dir: str | None) -> None:
+    """Generates a missing synthetic dataset on process 0 while the other processes wait.
+
+    Were every process to generate it, they would race to rename their copy into the same
+    directory; the loser died with FileExistsError while the others waited for it in the next
+    collective, so a two-process run hung."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        _prepare(name, data_dir)
+    # The same on every process, whatever each one found on disk: all reach this barrier.
+    multihost_utils.sync_global_devices(f"catflax: {name} prepared")
+
+
+def _prepare(name: str, data_dir: str | None):
+    """Generates `name` if missing; tolerates a process on this host finishing it first."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    try:
+        builder.download_and_prepare()
+    except FileExistsError:  # TFDS renames its finished copy into place; another was first
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise
+    return builder
 
 
 PADDING: dict = {}  # stands for a padding record (grain drops None elements)
