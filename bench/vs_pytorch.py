@@ -16,9 +16,10 @@ Variants change our compute dtype / remat only (parameters stay fp32):
   bf16_towers   frozen CLIP text, CLIP vision and VAE compute in bf16
   bf16          every part computes in bf16
   remat         UNet and inpainter blocks recomputed in the backward pass
-  blocked_attention  an experiment, not library code: bench/attention_cpu.py's query-blocked
-                attention in place of jax.nn.dot_product_attention (UNet, VAE, inpainter)
-Combine with "+", e.g. blocked_attention+bf16_towers.
+  chunked       attention="chunked" in the UNet, VAE and inpainter: queries in blocks of 256,
+                each recomputed in the backward pass (catflax.models.layers)
+Combine with "+", e.g. chunked+bf16_towers. The "xla" attention every variant uses otherwise is
+already catflax's heads-major layout, not jax.nn.dot_product_attention's.
 The UNet has 2 heads, so that its head sizes (32, 64, 128) are near SD-1.5's (40, 80, 160) at
 1/5 of its width; `--unet_heads=8` keeps SD's head count instead (head sizes 8, 16, 32).
 """
@@ -26,7 +27,6 @@ The UNet has 2 heads, so that its head sizes (32, 64, 128) are near SD-1.5's (40
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from bench import attention_cpu, common
+from bench import common
 from bench import torch_reference as ref
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
@@ -74,8 +74,11 @@ def variant_config(cfg: CATConfig, variant: str) -> CATConfig:
     """`cfg` with a variant's compute dtypes / remat (see the module docstring)."""
     changes: dict[str, dict] = {p: {} for p in PARTS}
     for piece in variant.split("+"):
-        if piece in ("fp32", "blocked_attention"):
+        if piece == "fp32":
             continue
+        elif piece == "chunked":
+            for p in ("unet", "vae", "inpainter"):
+                changes[p]["attention"] = "chunked"
         elif piece == "bf16_towers":
             for p in TOWERS:
                 changes[p]["dtype"] = "bfloat16"
@@ -86,8 +89,7 @@ def variant_config(cfg: CATConfig, variant: str) -> CATConfig:
             changes["unet"]["remat"] = changes["inpainter"]["remat"] = True
         else:
             raise ValueError(
-                f"unknown variant {piece!r}; known: fp32, bf16_towers, bf16, remat, "
-                "blocked_attention"
+                f"unknown variant {piece!r}; known: fp32, bf16_towers, bf16, remat, chunked"
             )
     return dataclasses.replace(
         cfg, **{p: dataclasses.replace(getattr(cfg, p), **c) for p, c in changes.items() if c}
@@ -183,13 +185,11 @@ def compile_ours(cfg, variant, params, config, shardings, mesh, batch, u_inp, se
     state = jax.jit(lambda p: create_state(p, setup.tx, jax.random.key(seed), False),
                     out_shardings=state_sh)(setup.trainable)  # fmt: skip
     step_fn = jit_step(setup.graphdef, setup.tx, setup.step_cfg, state_sh, frozen_sh, batch_sh)
-    patch = "blocked_attention" in variant.split("+")
-    with attention_cpu.patched() if patch else contextlib.nullcontext():
-        start = time.perf_counter()
-        compiled = step_fn.lower(state, setup.frozen, batch).compile()
-        compile_s = time.perf_counter() - start
-        unet_gd, unet_params = nnx.split(model.unet, nnx.Param)
-        ours_unet = ours_unet_fwd_bwd(unet_gd, unet_params, u_inp)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, setup.frozen, batch).compile()
+    compile_s = time.perf_counter() - start
+    unet_gd, unet_params = nnx.split(model.unet, nnx.Param)
+    ours_unet = ours_unet_fwd_bwd(unet_gd, unet_params, u_inp)
     holder = {"state": state}
 
     def ours_step():

@@ -20,9 +20,8 @@ def qkv(seed=0, B=2, T=37, S=53, N=3, H=8, dtype=jnp.float32):
 
 
 def chunked(q, k, v, **kw):
-    return layers.dot_product_attention(
-        q, k, v, implementation="chunked", query_chunk_size=8, key_chunk_size=16, **kw
-    )
+    kw = {"query_chunk_size": 8, "key_chunk_size": 16, **kw}
+    return layers.dot_product_attention(q, k, v, implementation="chunked", **kw)
 
 
 def test_chunked_equals_xla_with_masks_and_causal():
@@ -40,10 +39,19 @@ def test_chunked_equals_xla_with_masks_and_causal():
         dict(mask=jnp.asarray(full_mask[:, :1])),  # (B,1,T,S)
     ]
     for kw in cases:
-        ref = layers.dot_product_attention(q, k, v, implementation="xla", **kw)
+        ref = jax.nn.dot_product_attention(q, k, v, **kw)
+        ours = layers.dot_product_attention(q, k, v, implementation="xla", **kw)
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(chunked(q, k, v, **kw), ref, atol=1e-5, rtol=1e-5)
+        if kw.get("mask") is None or kw["mask"].shape[2] == 1:  # queries in blocks, keys at once
+            q40 = jnp.concatenate([q, q[:, :3]], axis=1)  # T = 40: five blocks of 8
+            out = chunked(q40, k, v, key_chunk_size=S, **kw)
+            ref40 = jax.nn.dot_product_attention(q40, k, v, **kw)
+            np.testing.assert_allclose(out, ref40, atol=1e-5, rtol=1e-5)
     q, k, v = qkv(1, T=45, S=45)  # causal needs T == S for the XLA reference
-    ref = layers.dot_product_attention(q, k, v, is_causal=True)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    ours = layers.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(chunked(q, k, v, is_causal=True), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -54,21 +62,19 @@ def test_chunked_matches_torch_sdpa():
     np.testing.assert_allclose(chunked(q, k, v), ref.transpose(1, 2).numpy(), atol=1e-5)
 
 
-def test_chunked_gradients_equal_xla():
-    q, k, v = qkv(3, T=20, S=33)
+@pytest.mark.parametrize("T, key_chunk", [(20, 16), (40, 64)])  # online softmax; query blocks
+def test_chunked_and_xla_gradients_equal_jax(T, key_chunk):
+    q, k, v = qkv(3, T=T, S=33)
 
-    def loss(impl):
-        def f(q, k, v):
-            if impl == "xla":
-                out = layers.dot_product_attention(q, k, v)
-            else:
-                out = chunked(q, k, v)
-            return jnp.sum(jnp.sin(out))
+    def grads(attention):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v)))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
-
-    for g_chunked, g_xla in zip(loss("chunked"), loss("xla")):
-        np.testing.assert_allclose(g_chunked, g_xla, atol=1e-5, rtol=1e-5)
+    ref = grads(jax.nn.dot_product_attention)
+    for got in (grads(layers.dot_product_attention),
+                grads(lambda q, k, v: chunked(q, k, v, key_chunk_size=key_chunk))):  # fmt: skip
+        for g, r in zip(got, ref):
+            np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_in_bfloat16_is_close_to_float32():

@@ -1,16 +1,14 @@
 """Benchmarks: each one's main path runs on the tiny model and prints its JSON line; the jitted
-train step compiles once and is reused across steps; the blocked-attention experiment is exact."""
+train step compiles once and is reused across steps."""
 
 import dataclasses
 import json
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from bench import aot_memory, attention_cpu, common, sampling, train_step, vs_pytorch
+from bench import aot_memory, common, sampling, train_step, vs_pytorch
 from configs import demo
 from tests.tiny import RESOLUTION, TINY_CAT
 
@@ -62,9 +60,9 @@ def test_sampling_bench(capsys):
 
 def test_vs_pytorch_bench(capsys):
     record = vs_pytorch.run(TINY_CAT, batch_size=2, resolution=RESOLUTION, steps=1,
-                            variants=["blocked_attention"])  # fmt: skip
+                            variants=["chunked"])  # fmt: skip
     assert json_line(capsys.readouterr().out) == json.loads(json.dumps(record))
-    v = record["variants"]["blocked_attention"]
+    v = record["variants"]["chunked"]
     assert {"ours_step_s", "torch_step_s", "step_ratio", "ours_unet_s", "unet_ratio"} <= set(v)
     assert v["step_ratio"] == pytest.approx(v["ours_step_s"] / v["torch_step_s"])
     # Both sides start from the same weights: the UNet-with-adapter forward agrees.
@@ -89,19 +87,3 @@ def test_aot_memory_compiles_without_weights():
     }
     with pytest.raises(ValueError, match="unknown variant piece"):
         aot_memory.variant_overrides("fp16")
-
-
-def test_blocked_attention_matches_reference():
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 2, 8)), jnp.float32) for _ in range(3))
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-
-    blocked = lambda q, k, v: attention_cpu.blocked_attention(q, k, v, query_chunk=16)  # noqa: E731
-    expected = jax.nn.dot_product_attention(q, k, v)
-    np.testing.assert_allclose(blocked(q, k, v), expected, atol=1e-5)
-    grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(grads, ref_grads):
-        np.testing.assert_allclose(a, b, atol=1e-5)
