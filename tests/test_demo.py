@@ -108,6 +108,14 @@ def test_short_demo_learns_colour_prompts_and_exports(tmp_path):
         assert any(f.startswith("events.out") for f in os.listdir(workdir / stage / "tensorboard"))
     assert os.path.isfile(workdir / "samples.png") and os.path.isdir(workdir / "export")
 
+    assert "stage 1b: inpainter from stage 1a" in run.stderr  # the reference's merges
+    assert "stage 2b: inpainter from stage 2a" in run.stderr
+    assert "stage 2b: unet from stage 1b" in run.stderr
+    again = subprocess.run([*cmd, "--config.report.enabled=False"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and "done" not in again.stdout, again.stderr[-3000:]
+    assert again.stderr.count("already finished") == 4  # every stage skipped
+
     # The README's second command, as the report prints it.
     line = next(s for s in run.stdout.splitlines() if s.startswith("try it: "))
     args = line.removeprefix("try it: python -m catflax.inpaint ").split(" --")

@@ -102,7 +102,9 @@ def run(tmp_path_factory):
     for part in ("clip_text", "clip_vision", "inpainter"):
         config.model[part].num_layers = 1
     config.weights.clip, config.weights.sd = str(root / "clip"), str(root / "sd")
-    config.weights.pooling_vae = False  # the VAE from the SD directory
+    config.weights.pooling_vae = False  # the VAE from the SD directory, with its sizes
+    config.model.vae.block_out_channels = VAE["block_out_channels"]
+    config.model.vae.norm_num_groups = VAE["norm_num_groups"]
     config.train.ema_decay = 0.9
     for stage in ("1a", "1b", "2a", "2b"):
         config[f"stage_{stage}"].steps = STEPS

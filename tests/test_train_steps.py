@@ -77,6 +77,7 @@ def test_adam_moments_and_ema_are_sharded_like_their_parameters():
     shardings = sharding_lib.param_shardings(abstract, mesh)
     params = place(trainable, shardings)
     state = create_sharded_state(params, tx, jax.random.key(0), True, shardings, mesh)
+
     def named(tree):  # (names along the path, sharding) of every array
         return [
             (tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf.sharding)

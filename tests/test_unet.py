@@ -271,12 +271,15 @@ def test_remat_and_bfloat16_compute():
         loss = lambda m: jnp.mean(jnp.sin(m(x, temb, context, tokens)))  # noqa: E731
         return nnx.jit(nnx.value_and_grad(loss))(block)
 
-    (loss, grads), (loss_remat, grads_remat) = (
-        value_and_grad(cfg),
-        value_and_grad(dataclasses.replace(cfg, remat=True)),
-    )
-    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)
+    loss, grads = value_and_grad(cfg)
+    for policy in ("full", "dots"):
+        loss_remat, grads_remat = value_and_grad(
+            dataclasses.replace(cfg, remat=True, remat_policy=policy)
+        )
+        np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)
+    with pytest.raises(ValueError, match="remat_policy='most' is not one of"):
+        MidBlock(16, dataclasses.replace(cfg, remat=True, remat_policy="most"), rngs=nnx.Rngs(0))
 
     # bfloat16 compute, float32 parameters: close to the float32 block.
     full = random_model(lambda: MidBlock(16, cfg, rngs=nnx.Rngs(0)))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from catflax.models.layers import activation, dot_product_attention
+from catflax.models.layers import activation, dot_product_attention, remat, remat_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class CLIPTextConfig:
     param_dtype: str = "float32"
     attention: str = "xla"  # xla | cudnn | chunked | splash (TPU)
     remat: bool = False
+    remat_policy: str = "full"  # with remat: "full" | "dots" (layers.REMAT_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ class CLIPVisionConfig:
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: bool = False
+    remat_policy: str = "full"  # with remat: "full" | "dots" (layers.REMAT_POLICIES)
 
     @property
     def num_patches(self) -> int:
@@ -164,13 +166,13 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.remat = cfg.remat
+        self.remat = remat_mode(cfg)
         self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
     def __call__(self, x: jax.Array, mask=None, is_causal: bool = False) -> jax.Array:
         for layer in self.layers:
             if self.remat:
-                x = nnx.remat(lambda m, h: m(h, mask, is_causal))(layer, x)
+                x = remat(lambda m, h: m(h, mask, is_causal), self.remat)(layer, x)
             else:
                 x = layer(x, mask, is_causal)
         return x

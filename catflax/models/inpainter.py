@@ -43,6 +43,7 @@ class InpainterConfig:
     param_dtype: str = "float32"
     attention: str = "xla"  # xla | cudnn | chunked | splash (TPU)
     remat: bool = False
+    remat_policy: str = "full"  # with remat: "full" | "dots" (layers.REMAT_POLICIES)
 
     @property
     def num_patches(self) -> int:

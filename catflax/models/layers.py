@@ -368,10 +368,33 @@ def dtypes_of(cfg) -> dict[str, Any]:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def call_maybe_remat(remat: bool, module: nnx.Module, *args) -> Any:
-    """module(*args), recomputed in the backward pass when `remat` (activation checkpointing)."""
-    if remat:
-        return nnx.remat(lambda m, *a: m(*a))(module, *args)
+# What a rematerialised block keeps from its forward pass (`remat_policy` of the model configs):
+# "full" keeps nothing (least memory, one more forward); "dots" keeps matmul outputs without
+# batch dimensions (attention and MLP projections), recomputing norms, activations and convs.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_mode(cfg) -> str | None:
+    """A config's activation checkpointing: None (off) or its `remat_policy` name."""
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat_policy={cfg.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"
+        )
+    return cfg.remat_policy if cfg.remat else None
+
+
+def remat(fn: Callable, mode: str | None) -> Callable:
+    """nnx.remat(fn) with the policy that `mode` names (see REMAT_POLICIES)."""
+    return nnx.remat(fn, policy=REMAT_POLICIES[mode])
+
+
+def call_maybe_remat(mode: str | None, module: nnx.Module, *args) -> Any:
+    """module(*args), recomputed in the backward pass when `mode` names a remat policy."""
+    if mode:
+        return remat(lambda m, *a: m(*a), mode)(module, *args)
     return module(*args)
 
 

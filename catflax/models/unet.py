@@ -24,6 +24,7 @@ from catflax.models.layers import (
     dtypes_of,
     group_norm,
     layer_norm,
+    remat_mode,
     torch_conv,
     torch_linear,
 )
@@ -54,6 +55,7 @@ class UNetConfig:
     param_dtype: str = "float32"
     attention: str = "xla"  # xla | cudnn | chunked | splash (TPU)
     remat: bool = False  # recompute res and transformer blocks in the backward pass
+    remat_policy: str = "full"  # with remat: "full" | "dots" (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         for name in ("block_out_channels", "attention_levels"):
@@ -211,7 +213,7 @@ class Transformer2DModel(nnx.Module):
 
     def __init__(self, ch: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
         dt = dtypes_of(cfg)
-        self.linear, self.remat = cfg.use_linear_projection, cfg.remat
+        self.linear, self.remat = cfg.use_linear_projection, remat_mode(cfg)
         self.norm = group_norm(ch, cfg.norm_num_groups, 1e-6, rngs=rngs, **dt)
         proj = (lambda: torch_linear(ch, ch, rngs=rngs, **dt)) if self.linear else (
             lambda: torch_conv(ch, ch, 1, rngs=rngs, **dt))  # fmt: skip
@@ -247,7 +249,7 @@ class DownBlock(nnx.Module):
     """diffusers' CrossAttnDownBlock2D (with attention) or DownBlock2D (without)."""
 
     def __init__(self, in_ch, out_ch, attention: bool, downsample: bool, cfg, *, rngs):
-        n, self.remat = cfg.layers_per_block, cfg.remat
+        n, self.remat = cfg.layers_per_block, remat_mode(cfg)
         self.resnets = nnx.List(
             [_resnet(in_ch if j == 0 else out_ch, out_ch, cfg, rngs) for j in range(n)]
         )
@@ -275,7 +277,7 @@ class MidBlock(nnx.Module):
     """diffusers' UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
 
     def __init__(self, ch: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-        self.remat = cfg.remat
+        self.remat = remat_mode(cfg)
         self.resnets = nnx.List([_resnet(ch, ch, cfg, rngs), _resnet(ch, ch, cfg, rngs)])
         self.attentions = nnx.List([Transformer2DModel(ch, cfg, rngs=rngs)])
 
@@ -289,7 +291,7 @@ class UpBlock(nnx.Module):
     """diffusers' CrossAttnUpBlock2D / UpBlock2D: each resnet takes one skip, concatenated last."""
 
     def __init__(self, in_ch, prev_ch, out_ch, attention: bool, upsample: bool, cfg, *, rngs):
-        n, self.remat = cfg.layers_per_block + 1, cfg.remat
+        n, self.remat = cfg.layers_per_block + 1, remat_mode(cfg)
         in_widths = [
             (prev_ch if j == 0 else out_ch) + (in_ch if j == n - 1 else out_ch) for j in range(n)
         ]

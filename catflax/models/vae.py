@@ -18,6 +18,7 @@ from catflax.models.layers import (
     dot_product_attention,
     dtypes_of,
     group_norm,
+    remat_mode,
     torch_conv,
     torch_linear,
 )
@@ -46,6 +47,7 @@ class VAEConfig:
     param_dtype: str = "float32"
     attention: str = "xla"  # xla | cudnn | chunked | splash (TPU); mid attention over (H/f)*(W/f)
     remat: bool = False  # recompute res blocks in the backward pass
+    remat_policy: str = "full"  # with remat: "full" | "dots" (layers.REMAT_POLICIES)
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -109,7 +111,7 @@ class MidBlock(nnx.Module):
     """resnet, attention (optional), resnet."""
 
     def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        self.remat, dt = cfg.remat, dtypes_of(cfg)
+        self.remat, dt = remat_mode(cfg), dtypes_of(cfg)
         self.resnets = nnx.List([_resnet(ch, ch, cfg, rngs), _resnet(ch, ch, cfg, rngs)])
         self.attentions = (
             nnx.List([VAEAttention(ch, cfg.norm_num_groups, cfg.attention, rngs=rngs, **dt)])
@@ -128,7 +130,7 @@ class EncoderBlock(nnx.Module):
     """diffusers' DownEncoderBlock2D: resnets, then a stride-2 conv with (0,1) padding."""
 
     def __init__(self, in_ch: int, out_ch: int, downsample: bool, cfg: VAEConfig, *, rngs):
-        self.remat = cfg.remat
+        self.remat = remat_mode(cfg)
         n = cfg.layers_per_block
         self.resnets = nnx.List(
             [_resnet(in_ch if j == 0 else out_ch, out_ch, cfg, rngs) for j in range(n)]
@@ -148,7 +150,7 @@ class DecoderBlock(nnx.Module):
     """diffusers' UpDecoderBlock2D: layers_per_block + 1 resnets, then nearest 2x and a conv."""
 
     def __init__(self, in_ch: int, out_ch: int, upsample: bool, cfg: VAEConfig, *, rngs):
-        self.remat = cfg.remat
+        self.remat = remat_mode(cfg)
         self.resnets = nnx.List([
             _resnet(in_ch if j == 0 else out_ch, out_ch, cfg, rngs)
             for j in range(cfg.layers_per_block + 1)
