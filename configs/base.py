@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50  # steps between metric lines / TensorBoard points
     config.train.checkpoint_every = 1000  # steps between checkpoints (and at stage end)
     config.train.keep_checkpoints = 2  # checkpoints kept per stage
-    config.train.sample_every = 0  # steps between sample grids (TensorBoard); 0: stage end; -1: never
+    config.train.sample_every = 0  # steps between sample grids; 0: stage end only; -1: never
     config.train.peak_flops_per_device = 989e12  # for MFU: H100 SXM bf16 dense; v5p 459e12
     for name, lr_fast, lr_slow in (("1a", 1e-4, 0.0), ("1b", 1e-4, 1e-5),
                                    ("2a", 1e-4, 0.0), ("2b", 1e-4, 1e-5)):  # fmt: skip
