@@ -8,12 +8,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from catflax import sharding
-from catflax.models import layers
+from catflax.models import layers, splash
 
 
 @pytest.fixture
 def interpret(monkeypatch):
-    monkeypatch.setenv(layers.PALLAS_INTERPRET_ENV, "1")
+    monkeypatch.setenv(splash.PALLAS_INTERPRET_ENV, "1")
 
 
 def qkv(seed=0, B=1, T=64, S=77, N=2, H=64):
@@ -105,7 +105,7 @@ def test_attention_module_with_splash(interpret):
 
 
 def test_splash_needs_tpu_or_interpret_mode(monkeypatch):
-    monkeypatch.delenv(layers.PALLAS_INTERPRET_ENV, raising=False)
+    monkeypatch.delenv(splash.PALLAS_INTERPRET_ENV, raising=False)
     if jax.default_backend() == "tpu":
         pytest.skip("splash runs natively on TPU")
     backend = jax.default_backend()
