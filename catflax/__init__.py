@@ -1,5 +1,9 @@
 """catflax: CAT-Diffusion in JAX/Flax NNX. `from catflax import CATPipeline` imports jax lazily."""
 
+from catflax import xla_cpu
+
+xla_cpu.apply_cpu_flag_defaults()  # before any backend starts; see catflax/xla_cpu.py
+
 __all__ = ["CATPipeline"]
 
 
