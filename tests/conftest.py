@@ -14,7 +14,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
-import catflax  # noqa: E402,F401  (applies catflax's XLA:CPU flag defaults before jax starts)
-import jax  # noqa: E402
+import jax
+
+import catflax  # noqa: F401  (applies catflax's XLA:CPU flag defaults before jax starts)
 
 jax.config.update("jax_default_matmul_precision", "highest")
