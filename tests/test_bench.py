@@ -87,3 +87,20 @@ def test_aot_memory_compiles_without_weights():
     }
     with pytest.raises(ValueError, match="unknown variant piece"):
         aot_memory.variant_overrides("fp16")
+
+
+def test_cpu_ops_bench(capsys):
+    """One JAX child process per flag mode, PyTorch in this one; every op timed both ways."""
+    from bench import cpu_ops
+
+    cpu_ops.main(["--modes=catflax,jaxlib_default", "--batch=1", "--repeats=1"])
+    record = json_line(capsys.readouterr().out)
+    ops = set(cpu_ops.op_shapes())
+    assert set(record["torch_ms"]) == ops
+    for mode in ("catflax", "jaxlib_default"):
+        assert set(record["jax_ms"][mode]) == ops
+        for times in record["jax_ms"][mode].values():
+            assert 0 < times["forward"] and 0 < times["forward_backward"]
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    assert ynn in record["xla_flags"]["catflax"].split()
+    assert ynn not in record["xla_flags"]["jaxlib_default"]
