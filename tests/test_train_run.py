@@ -22,6 +22,7 @@ TINY = [
     "--config.model.clip_vision.num_layers=1",
     "--config.model.inpainter.num_layers=1",
     "--config.sampling.num_steps=2",  # the stage-end sample grids
+    "--config.report.enabled=False",  # the demo's report: tests/test_demo.py
 ]
 
 
