@@ -1,9 +1,11 @@
 """XLA:CPU settings catflax applies before JAX starts its backends (imported by `catflax`).
 
-jaxlib 0.10 hands CPU convolutions and reductions to YNNPACK by default. On the x86 CPUs we
-measured (docs/PERFORMANCE.md), YNNPACK's convolutions run 2x slower than XLA's Eigen ones in the
-forward pass and 3-10x slower for weight gradients, and its reductions make GroupNorm 3x slower;
-its matrix products are as fast as Eigen's. So catflax keeps YNNPACK for dots only:
+jaxlib 0.10 hands CPU convolutions and reductions to YNNPACK by default. On the x86 CPU we
+measured (docs/PERFORMANCE.md, bench/cpu_ops.py), YNNPACK's convolutions ran 2x slower than XLA's
+Eigen ones in the forward pass and 3-10x slower for weight gradients, and its reductions made
+GroupNorm 2.5x slower; its matrix products are as fast as Eigen's. (Softmax is the exception: its
+row reductions are faster in YNNPACK; the whole training step still gains.) So catflax keeps
+YNNPACK for dots only:
 
     XLA_FLAGS+=" --xla_cpu_experimental_ynn_fusion_type=individual_dot"
 
