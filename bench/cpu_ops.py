@@ -3,7 +3,8 @@
     python bench/cpu_ops.py                       # catflax's XLA:CPU flags and jaxlib's defaults
     python bench/cpu_ops.py --modes=catflax --batch=4 --repeats=7
 
-Each op runs forward alone and forward + backward (gradients of every input), fp32, at the
+Each op runs forward alone and forward + backward (gradients of every input and parameter; the
+PyTorch conv also has a bias), fp32, at the
 shapes of bench/vs_pytorch.py's stage-2b step (batch 4, 256 px images, 32x32 latents). The JAX
 side runs once per `--modes` entry, each in its own process because XLA reads its flags once:
   catflax          as `import catflax` sets them (catflax/xla_cpu.py: YNNPACK for dots only)
@@ -90,7 +91,8 @@ def time_jax(batch: int, repeats: int) -> dict[str, dict[str, float]]:
                 return layers.dot_product_attention(q, k, v, implementation=implementation)
 
         fwd = jax.jit(f)
-        grad = jax.jit(jax.grad(lambda *a, f=f: f(*a).sum(), argnums=(0, 1)))
+        every_input = tuple(range(len(args)))  # as PyTorch's backward: all of them
+        grad = jax.jit(jax.grad(lambda *a, f=f: f(*a).sum(), argnums=every_input))
         out[name] = dict(
             forward=best_ms(lambda fwd=fwd, args=args: jax.block_until_ready(fwd(*args)), repeats),
             forward_backward=best_ms(
