@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,13 +47,10 @@ def op_shapes() -> dict[str, dict]:
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    """Milliseconds of the fastest of `repeats` calls after one warm-up (bench/common.py)."""
+    from bench import common
+
+    return 1e3 * min(common.time_calls(fn, repeats))
 
 
 def time_jax(batch: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -94,10 +90,8 @@ def time_jax(batch: int, repeats: int) -> dict[str, dict[str, float]]:
         every_input = tuple(range(len(args)))  # as PyTorch's backward: all of them
         grad = jax.jit(jax.grad(lambda *a, f=f: f(*a).sum(), argnums=every_input))
         out[name] = dict(
-            forward=best_ms(lambda fwd=fwd, args=args: jax.block_until_ready(fwd(*args)), repeats),
-            forward_backward=best_ms(
-                lambda grad=grad, args=args: jax.block_until_ready(grad(*args)), repeats
-            ),
+            forward=best_ms(lambda fwd=fwd, args=args: fwd(*args), repeats),
+            forward_backward=best_ms(lambda grad=grad, args=args: grad(*args), repeats),
         )
     return out
 
