@@ -5,8 +5,8 @@
 
 Each op runs forward alone and forward + backward (gradients of every input and parameter; the
 PyTorch conv also has a bias), fp32, at shapes of bench/vs_pytorch.py's stage-2b step (batch 4,
-256 px images, 32x32 latents). The JAX
-side runs once per `--modes` entry, each in its own process because XLA reads its flags once:
+256 px images, 32x32 latents). The JAX side runs once per `--modes` entry, each in its own
+process because XLA reads its flags once:
   catflax          as `import catflax` sets them (catflax/xla_cpu.py: YNNPACK for dots only)
   jaxlib_default   jaxlib's own defaults (CATFLAX_XLA_CPU_DEFAULTS=0)
 Attention is catflax's "xla" and "chunked" (catflax.models.layers) against PyTorch's
