@@ -77,6 +77,33 @@ def test_chunked_and_xla_gradients_equal_jax(T, key_chunk):
             np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
 
 
+def test_one_pass_gradients_equal_jax_with_masks_and_causal():
+    """The custom-VJP (FlashAttention-style backward) path: all queries or query blocks, keys at
+    once; masked logits get no gradient, also in a fully masked row."""
+    q, k, v = qkv(6, T=24, S=24)
+    B, T, N, _ = q.shape
+    rng = np.random.default_rng(1)
+    full_mask = rng.random((B, N, T, T)) > 0.3
+    full_mask[1, 2, 7] = False
+    padding_mask = np.arange(T)[None, None, None, :] < np.array([24, 9])[:, None, None, None]
+    cases = [  # (kwargs, query chunk): 24 = one pass; 8 = three query blocks
+        (dict(mask=jnp.asarray(full_mask)), 24),
+        (dict(mask=jnp.asarray(padding_mask)), 24),
+        (dict(mask=jnp.asarray(padding_mask)), 8),
+        (dict(is_causal=True), 24),
+    ]
+
+    def grads(attention, **kw):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, **kw)))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for kw, q_chunk in cases:
+        ref = grads(jax.nn.dot_product_attention, **kw)
+        got = grads(chunked, query_chunk_size=q_chunk, key_chunk_size=T, **kw)
+        for g, r in zip(got, ref):
+            np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_in_bfloat16_is_close_to_float32():
     q, k, v = qkv(4, T=40, S=40)
     ref = layers.dot_product_attention(q, k, v)
