@@ -66,10 +66,10 @@ def dot_product_attention(
     `xla`: jax.nn.dot_product_attention's math (fp32 logits and softmax) with the heads moved in
     front of the sequence, (B,N,T,H), a layout XLA:CPU runs 2-4x faster. `cudnn`: jax's cuDNN
     flash attention (a GPU, fp16/bf16 inputs). `chunked`: queries in blocks of query_chunk;
-    keys all at once up to key_chunk (fastest on CPU), longer key sets in chunks with an online
-    softmax, so no score block exceeds query_chunk x key_chunk (long S). `splash`: jax's Pallas
-    TPU flash kernel, on a TPU or anywhere with $CATFLAX_PALLAS_INTERPRET=1; on a multi-device
-    jit, trace under `jax.set_mesh(mesh)`.
+    keys all at once up to key_chunk with FlashAttention's backward (fastest on CPU), longer key
+    sets in chunks with an online softmax, so no score block exceeds query_chunk x key_chunk.
+    `splash`: jax's Pallas TPU flash kernel, on a TPU or anywhere with
+    $CATFLAX_PALLAS_INTERPRET=1; on a multi-device jit, trace under `jax.set_mesh(mesh)`.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -95,14 +95,8 @@ def dot_product_attention(
 
 def _heads_major_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal):
     """softmax(q k^T / sqrt(H) | mask) v in (B,N,T,H) layout, logits and softmax in fp32."""
-    T, H, S = q_BTNH.shape[1], q_BTNH.shape[3], k_BSNH.shape[1]
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTNH, k_BSNH, v_BSNH))
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(1.0 / math.sqrt(H))
-    if mask is not None:
-        logits = jnp.where(mask, logits, _MASKED_LOGIT)
-    if is_causal:
-        logits = jnp.where(jnp.tril(jnp.ones((T, S), bool)), logits, _MASKED_LOGIT)
+    logits = _scaled_logits(q, k, _allowed(mask, is_causal, q.shape[2], k.shape[2]))
     unnormalised = jnp.exp(logits - jax.lax.stop_gradient(_row_max(logits))[..., None])
     probs = (unnormalised / unnormalised.sum(-1, keepdims=True)).astype(v.dtype)
     out = jnp.einsum("bnts,bnsh->bnth", probs, v, preferred_element_type=jnp.float32)
