@@ -25,6 +25,7 @@ from torch import nn
 
 from catflax import diffusion
 from catflax.models.cat import CATConfig
+from catflax.models.unet import UNetConfig
 from catflax.preprocess import CLIP_MEAN, CLIP_STD
 from catflax.train.stages import FAST_PARAM_MARKERS
 from tests.test_inpainter import TorchInpainter
@@ -101,17 +102,21 @@ def build(cfg: CATConfig, seed: int = 0) -> TorchModels:
         block_out_channels=a.block_out_channels, layers_per_block=a.layers_per_block,
         latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
     )  # fmt: skip
+    return TorchModels(text.eval(), vision.eval(), vae.eval(), build_unet(u).train(),
+                       TorchInpainter(cfg.inpainter).train())  # fmt: skip
+
+
+def build_unet(u: UNetConfig) -> diffusers.UNet2DConditionModel:
+    """diffusers' UNet of `u`'s sizes (no adapter yet), default initialisation."""
     down = ["CrossAttnDownBlock2D" if on else "DownBlock2D" for on in u.attention_levels]
     up = ["CrossAttnUpBlock2D" if on else "UpBlock2D" for on in u.attention_levels[::-1]]
-    unet = diffusers.UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         in_channels=u.in_channels, out_channels=u.out_channels,
         block_out_channels=u.block_out_channels, down_block_types=down, up_block_types=up,
         layers_per_block=u.layers_per_block, cross_attention_dim=u.cross_attention_dim,
         attention_head_dim=u.num_heads,  # diffusers' SD-1.x configs name the head count so
         norm_num_groups=u.norm_num_groups, norm_eps=u.norm_eps,
     )  # fmt: skip
-    return TorchModels(text.eval(), vision.eval(), vae.eval(), unet.train(),
-                       TorchInpainter(cfg.inpainter).train())  # fmt: skip
 
 
 def load_numpy_state(module: nn.Module, state: Mapping[str, np.ndarray]) -> None:

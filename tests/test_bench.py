@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bench import aot_memory, common, sampling, train_step, vs_pytorch
+from bench import aot_memory, common, sampling, sampling_vs_pytorch, train_step, vs_pytorch
 from configs import demo
 from tests.tiny import RESOLUTION, TINY_CAT
 
@@ -68,6 +68,17 @@ def test_vs_pytorch_bench(capsys):
     # Both sides start from the same weights: the UNet-with-adapter forward agrees.
     assert v["unet_max_abs_diff"] < 1e-4
     assert set(record["torch_breakdown_s"]) >= {"clip text x2", "vae encoder x2", "backward"}
+
+
+def test_sampling_vs_pytorch_bench_loops_agree(capsys):
+    """Ours and PyTorch's guided DDIM loops, same UNet weights, fp32: same final latents."""
+    record = sampling_vs_pytorch.run(tiny_config(), batch_sizes=[2], resolution=RESOLUTION,
+                                     num_steps=4, repeats=1)  # fmt: skip
+    assert json_line(capsys.readouterr().out) == json.loads(json.dumps(record))
+    assert record["torch_dtype"] == "float32" and record["num_steps"] == 4
+    b = record["batches"]["2"]
+    assert b["ratio"] == pytest.approx(b["ours_loop_s"] / b["torch_loop_s"])
+    assert b["max_abs_diff"] < 1e-3, b["max_abs_diff"]
 
 
 def test_aot_memory_compiles_without_weights():
