@@ -1,5 +1,7 @@
 """The jitted training steps: sharded == single device, frozen stays frozen, a batch overfits."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from flax import nnx
 
 from catflax import sharding as sharding_lib
-from catflax.models.cat import CATDiffusion
+from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.train import optim, stages
 from catflax.train.steps import (
     StepConfig,
@@ -20,9 +22,17 @@ from catflax.train.steps import (
 from tests.tiny import TINY_CAT, random_batch
 
 
-def split_for(stage: str, seed: int = 0):
+def with_attention(cfg: CATConfig, attention: str) -> CATConfig:
+    """`cfg` with every part's attention implementation set to `attention`."""
+    parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
+    return dataclasses.replace(
+        cfg, **{p: dataclasses.replace(getattr(cfg, p), attention=attention) for p in parts}
+    )
+
+
+def split_for(stage: str, seed: int = 0, cfg: CATConfig = TINY_CAT):
     spec = stages.stage_spec(stage)
-    model = CATDiffusion(TINY_CAT, rngs=nnx.Rngs(seed))
+    model = CATDiffusion(cfg, rngs=nnx.Rngs(seed))
     graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
     tx = optim.make_optimizer(optim.OptimizerConfig(lr_fast=1e-3, lr_slow=1e-4), trainable)
     step_cfg = StepConfig(kind=spec.step, tokens=spec.tokens, cond_dropout=0.0)
@@ -38,9 +48,11 @@ def place(tree, shardings):
     return nnx.from_flat_state(flat)
 
 
-@pytest.mark.parametrize("stage", ["1a", "2b"])
-def test_sharded_step_equals_single_device(stage):
-    graphdef, trainable, frozen, _, step_cfg = split_for(stage)
+@pytest.mark.parametrize("stage, attention", [("1a", "xla"), ("2b", "xla"), ("2b", "chunked")])
+def test_sharded_step_equals_single_device(stage, attention):
+    """("chunked": the custom-VJP attention in every part, under the mesh's shardings.)"""
+    cfg = with_attention(TINY_CAT, attention)
+    graphdef, trainable, frozen, _, step_cfg = split_for(stage, cfg=cfg)
     # Plain SGD with lr 1: the parameter change is the gradient itself. (Adam would amplify
     # float noise in gradients that are exactly zero in theory, such as attention key biases.)
     tx = optax.sgd(1.0)
@@ -51,7 +63,7 @@ def test_sharded_step_equals_single_device(stage):
     ref_state, ref_metrics = single(state0, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
 
     mesh = sharding_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    abstract = nnx.eval_shape(lambda: CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
     shardings = sharding_lib.param_shardings(abstract, mesh)
     assert any(
         s.spec != jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in shardings.values()
