@@ -9,7 +9,7 @@ PyTorch conv also has a bias), fp32, at shapes of bench/vs_pytorch.py's stage-2b
 process because XLA reads its flags once:
   catflax          as `import catflax` sets them (catflax/xla_cpu.py: YNNPACK for dots only)
   jaxlib_default   jaxlib's own defaults (CATFLAX_XLA_CPU_DEFAULTS=0)
-Attention is catflax's "xla" and "chunked" (catflax.models.layers) against PyTorch's
+Attention is catflax's "xla" and "chunked" (catflax.models.attention) against PyTorch's
 scaled_dot_product_attention. Times are the fastest of `--repeats` calls after a warm-up, in
 milliseconds.
 """
@@ -58,6 +58,7 @@ def time_jax(batch: int, repeats: int) -> dict[str, dict[str, float]]:
     import jax.numpy as jnp
     from flax import nnx
 
+    from catflax.models import attention as attention_lib
     from catflax.models import layers  # importing catflax applies its XLA:CPU flag defaults
 
     rng = jax.random.key(0)
@@ -84,7 +85,7 @@ def time_jax(batch: int, repeats: int) -> dict[str, dict[str, float]]:
             args = (q, q + 1, q - 1)
 
             def f(q, k, v, implementation=s["implementation"]):
-                return layers.dot_product_attention(q, k, v, implementation=implementation)
+                return attention_lib.dot_product_attention(q, k, v, implementation=implementation)
 
         fwd = jax.jit(f)
         every_input = tuple(range(len(args)))  # as PyTorch's backward: all of them

@@ -17,7 +17,7 @@ Variants change our compute dtype / remat only (parameters stay fp32):
   bf16          every part computes in bf16
   remat         UNet and inpainter blocks recomputed in the backward pass
   chunked       attention="chunked" in the UNet, VAE and inpainter: queries in blocks of 256,
-                FlashAttention's backward (catflax.models.layers)
+                FlashAttention's backward (catflax.models.attention)
 Combine with "+", e.g. chunked+bf16_towers. The "xla" attention every variant uses otherwise is
 already catflax's heads-major layout, not jax.nn.dot_product_attention's.
 The UNet has 2 heads, so that its head sizes (32, 64, 128) are near SD-1.5's (40, 80, 160) at

@@ -7,6 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
+from catflax.models import attention as attention_lib
 from catflax.models import layers
 
 
@@ -21,7 +22,7 @@ def qkv(seed=0, B=2, T=37, S=53, N=3, H=8, dtype=jnp.float32):
 
 def chunked(q, k, v, **kw):
     kw = {"query_chunk_size": 8, "key_chunk_size": 16, **kw}
-    return layers.dot_product_attention(q, k, v, implementation="chunked", **kw)
+    return attention_lib.dot_product_attention(q, k, v, implementation="chunked", **kw)
 
 
 def test_chunked_equals_xla_with_masks_and_causal():
@@ -40,7 +41,7 @@ def test_chunked_equals_xla_with_masks_and_causal():
     ]
     for kw in cases:
         ref = jax.nn.dot_product_attention(q, k, v, **kw)
-        ours = layers.dot_product_attention(q, k, v, implementation="xla", **kw)
+        ours = attention_lib.dot_product_attention(q, k, v, implementation="xla", **kw)
         np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(chunked(q, k, v, **kw), ref, atol=1e-5, rtol=1e-5)
         if kw.get("mask") is None or kw["mask"].shape[2] == 1:  # queries in blocks, keys at once
@@ -50,7 +51,7 @@ def test_chunked_equals_xla_with_masks_and_causal():
             np.testing.assert_allclose(out, ref40, atol=1e-5, rtol=1e-5)
     q, k, v = qkv(1, T=45, S=45)  # causal needs T == S for the XLA reference
     ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    ours = layers.dot_product_attention(q, k, v, is_causal=True)
+    ours = attention_lib.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(chunked(q, k, v, is_causal=True), ref, atol=1e-5, rtol=1e-5)
 
@@ -71,7 +72,7 @@ def test_chunked_and_xla_gradients_equal_jax(T, key_chunk):
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     ref = grads(jax.nn.dot_product_attention)
-    for got in (grads(layers.dot_product_attention),
+    for got in (grads(attention_lib.dot_product_attention),
                 grads(lambda q, k, v: chunked(q, k, v, key_chunk_size=key_chunk))):  # fmt: skip
         for g, r in zip(got, ref):
             np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
@@ -106,7 +107,7 @@ def test_one_pass_gradients_equal_jax_with_masks_and_causal():
 
 def test_chunked_in_bfloat16_is_close_to_float32():
     q, k, v = qkv(4, T=40, S=40)
-    ref = layers.dot_product_attention(q, k, v)
+    ref = attention_lib.dot_product_attention(q, k, v)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     out = chunked(*bf)
     assert out.dtype == jnp.bfloat16
@@ -131,7 +132,7 @@ def test_attention_module_implementations_agree():
     ref = make("xla")(x, context)
     # a module with the same seed has the same weights; chunk sizes are the defaults here
     np.testing.assert_allclose(make("chunked")(x, context), ref, atol=1e-5)
-    out = layers.dot_product_attention(
+    out = attention_lib.dot_product_attention(
         *[jax.random.normal(jax.random.key(i), (1, 2000, 1, 4)) for i in range(3)],
         implementation="chunked",
     )  # longer than one default query chunk
@@ -141,7 +142,7 @@ def test_attention_module_implementations_agree():
 def test_unknown_implementation_is_an_error():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="flash"):
-        layers.dot_product_attention(q, k, v, implementation="flash")
+        attention_lib.dot_product_attention(q, k, v, implementation="flash")
 
 
 @pytest.mark.skipif(
@@ -150,6 +151,6 @@ def test_unknown_implementation_is_an_error():
 )
 def test_cudnn_equals_xla_on_gpu():  # pragma: no cover - only on GPU machines
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv(5, T=64, S=64, H=64))
-    ref = layers.dot_product_attention(q, k, v, implementation="xla")
-    out = layers.dot_product_attention(q, k, v, implementation="cudnn")
+    ref = attention_lib.dot_product_attention(q, k, v, implementation="xla")
+    out = attention_lib.dot_product_attention(q, k, v, implementation="cudnn")
     np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from catflax import sharding
+from catflax.models import attention as attention_lib
 from catflax.models import layers, splash
 
 
@@ -27,7 +28,7 @@ def qkv(seed=0, B=1, T=64, S=77, N=2, H=64):
 
 def value_and_grads(impl, q, k, v, **kw):
     def loss(q, k, v):
-        out = layers.dot_product_attention(q, k, v, implementation=impl, **kw)
+        out = attention_lib.dot_product_attention(q, k, v, implementation=impl, **kw)
         return jnp.sum(jnp.sin(out)), out
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -60,7 +61,7 @@ def test_splash_key_padding_mask(interpret):
     assert_splash_equals_xla(q, k, v, mask=mask, is_causal=True)
     full_mask = jnp.ones((2, 1, 77, 77), bool)  # per-query masks are not supported
     with pytest.raises(NotImplementedError, match="key-padding"):
-        layers.dot_product_attention(q, k, v, mask=full_mask, implementation="splash")
+        attention_lib.dot_product_attention(q, k, v, mask=full_mask, implementation="splash")
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_splash_sharded_under_mesh(interpret, B, N, spec):
 
     def step(impl):
         def f(q, k, v):
-            out = layers.dot_product_attention(q, k, v, implementation=impl)
+            out = attention_lib.dot_product_attention(q, k, v, implementation=impl)
             return jnp.sum(jnp.sin(out)), out
 
         grad_fn = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
@@ -110,4 +111,4 @@ def test_splash_needs_tpu_or_interpret_mode(monkeypatch):
         pytest.skip("splash runs natively on TPU")
     backend = jax.default_backend()
     with pytest.raises(RuntimeError, match=rf"'splash'.*backend is '{backend}'.*_PALLAS_INTERPRET"):
-        layers.dot_product_attention(*qkv(), implementation="splash")
+        attention_lib.dot_product_attention(*qkv(), implementation="splash")

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from catflax.models.layers import activation, dot_product_attention, remat, remat_mode
+from catflax.models.attention import dot_product_attention
+from catflax.models.layers import activation, remat, remat_mode
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Splash attention: jax's Pallas TPU flash kernel behind catflax's attention interface
-(`catflax.models.layers.dot_product_attention(..., implementation="splash")`)."""
+(`catflax.models.attention.dot_product_attention(..., implementation="splash")`)."""
 
 from __future__ import annotations
 

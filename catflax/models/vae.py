@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from catflax.models.attention import dot_product_attention
 from catflax.models.layers import (
     call_maybe_remat,
-    dot_product_attention,
     dtypes_of,
     group_norm,
     remat_mode,
