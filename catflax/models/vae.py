@@ -22,7 +22,7 @@ from catflax.models.layers import (
     torch_conv,
     torch_linear,
 )
-from catflax.models.unet import Downsample2D, ResnetBlock2D, Upsample2D
+from catflax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 # SD-1.x latent scale: the UNet sees LATENT_SCALE * (VAE latents); decoding divides it back out.
 LATENT_SCALE = 0.18215
