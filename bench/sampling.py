@@ -129,8 +129,12 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS["config"].value
-    run(
-        config,
+    run(config, **command_line_args(config))
+
+
+def command_line_args(config) -> dict:
+    """`run`'s batch_sizes, resolution, num_steps and repeats from the flags (and `config`)."""
+    return dict(
         batch_sizes=[int(b) for b in FLAGS["batch_sizes"].value],
         resolution=FLAGS["resolution"].value or config.data.resolution,
         num_steps=FLAGS["num_steps"].value or config.sampling.num_steps,

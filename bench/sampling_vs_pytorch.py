@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 
-from bench import common
+from bench import common, sampling
 from bench import torch_reference as ref
 from catflax import diffusion
 from catflax.models.cat import CATConfig
@@ -189,27 +188,13 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS["config"].value
     torch.set_num_threads(os.cpu_count() or 1)
-    run(
-        config,
-        batch_sizes=[int(b) for b in FLAGS["batch_sizes"].value],
-        resolution=FLAGS["resolution"].value or config.data.resolution,
-        num_steps=FLAGS["num_steps"].value or config.sampling.num_steps,
-        repeats=FLAGS["repeats"].value,
-        torch_dtype=FLAGS["torch_dtype"].value,
-    )
+    run(config, **sampling.command_line_args(config), torch_dtype=FLAGS["torch_dtype"].value)
 
 
 def define_flags() -> None:
-    """The command line (only when run as a script, so importing this defines no flags)."""
-    FLAGS["config"] = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.")
-    FLAGS["batch_sizes"] = flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes to time.")
-    FLAGS["resolution"] = flags.DEFINE_integer(
-        "resolution", None, "Image side (default: config.data)."
-    )
-    FLAGS["num_steps"] = flags.DEFINE_integer(
-        "num_steps", None, "DDIM steps (default: config.sampling)."
-    )
-    FLAGS["repeats"] = flags.DEFINE_integer("repeats", 3, "Timed loops per batch size and side.")
+    """bench/sampling.py's command line and --torch_dtype (only when run as a script)."""
+    sampling.define_flags()
+    FLAGS.update(sampling.FLAGS)
     FLAGS["torch_dtype"] = flags.DEFINE_enum(
         "torch_dtype", None, ["float16", "bfloat16", "float32"],
         "PyTorch's dtype (default: float16 on a CUDA GPU, float32 otherwise).",
