@@ -3,9 +3,9 @@
 jaxlib 0.10 hands CPU convolutions and reductions to YNNPACK by default. On the x86 CPU we
 measured (docs/PERFORMANCE.md, bench/cpu_ops.py), YNNPACK's convolutions ran 2x slower than XLA's
 Eigen ones in the forward pass and 3-10x slower for weight gradients, and its reductions made
-GroupNorm 2.5x slower; its matrix products are as fast as Eigen's. (Softmax is the exception: its
-row reductions are faster in YNNPACK; the whole training step still gains.) So catflax keeps
-YNNPACK for dots only:
+GroupNorm 2.5x slower; its matrix products are as fast as Eigen's. (Softmax's row reductions were
+faster in YNNPACK; catflax's attention now takes its row max with elementwise maximums instead,
+catflax/models/attention.py.) So catflax keeps YNNPACK for dots only:
 
     XLA_FLAGS+=" --xla_cpu_experimental_ynn_fusion_type=individual_dot"
 

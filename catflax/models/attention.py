@@ -171,7 +171,6 @@ def _chunked_attention(q, k, v, mask, is_causal, q_chunk, kv_chunk):
     k_chunks = jnp.pad(k, ((0, 0), (0, s_pad), (0, 0), (0, 0))).reshape(B, n_kv, kv_chunk, N, H)
     v_chunks = jnp.pad(v, ((0, 0), (0, s_pad), (0, 0), (0, 0))).reshape(B, n_kv, kv_chunk, N, H)
     if mask is not None:  # keep size-1 axes size 1; only T and S are sliced per chunk
-        mask = jnp.asarray(mask, bool)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         t_rows = t_pad if mask.shape[2] > 1 else 0
         s_cols = s_pad if mask.shape[3] > 1 else 0
