@@ -22,7 +22,7 @@ from flax import nnx
 
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig
-from catflax.train import optim, stages, steps
+from catflax.train import loop, optim, stages, steps
 from catflax.train.steps import StepConfig
 
 BOS, EOS = 49406, 49407  # CLIP's start and end (and pad) tokens
@@ -114,17 +114,9 @@ class StageSetup:
 def stage_setup(config, stage: str, model: nnx.Module) -> StageSetup:
     """What `catflax.train.loop.run_stage` builds for a stage: split, optimiser, step config."""
     spec = stages.stage_spec(stage)
-    scfg = config[f"stage_{stage}"]
     graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
-    opt_cfg = optim.OptimizerConfig(
-        lr_fast=scfg.lr_fast, lr_slow=scfg.lr_slow, warmup_steps=scfg.warmup_steps,
-        weight_decay=config.optimizer.weight_decay, grad_clip_norm=config.optimizer.grad_clip_norm,
-    )  # fmt: skip
-    step_cfg = StepConfig(
-        kind=spec.step, tokens=spec.tokens, cond_dropout=config.train.cond_dropout,
-        masked_numerator=scfg.get("masked_numerator", False), ema_decay=config.train.ema_decay,
-    )  # fmt: skip
-    tx = optim.make_optimizer(opt_cfg, trainable)
+    tx = optim.make_optimizer(loop.optimizer_config(config, stage), trainable)
+    step_cfg = loop.step_config(config, stage)
     return StageSetup(graphdef, trainable, frozen, tx, step_cfg)
 
 

@@ -73,7 +73,8 @@ def _run_stages(config, workdir: str, mesh) -> None:
     from catflax.train.loop import run_stage
 
     for stage in config.stages:
-        result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config))
+        result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config),
+                           lambda: Feed.from_config(config, "eval"))  # fmt: skip
         if not result.skipped:
             first, last = result.losses[0], result.losses[-1]
             print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "

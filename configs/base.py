@@ -100,6 +100,16 @@ def get_config() -> ml_collections.ConfigDict:
         stage.warmup_steps = 0  # linear warmup
         if name == "1a":
             stage.masked_numerator = False  # True: the paper's loss on masked patches only
+            # Reduce-on-plateau on the validation loss (the reference's, once an epoch): every
+            # plateau_every steps (0: constant rate) the distillation loss over the first
+            # plateau_eval_batches batches of data.eval_* (0: all); after more than
+            # plateau_patience validations without a relative improvement of plateau_threshold,
+            # the learning rates are multiplied by plateau_factor.
+            stage.plateau_every = 1000
+            stage.plateau_eval_batches = 64
+            stage.plateau_factor = 0.1
+            stage.plateau_patience = 2
+            stage.plateau_threshold = 1e-4
         config[f"stage_{name}"] = stage
     # ------------------------------------------------------------------ end-of-run report
     config.report = ml_collections.ConfigDict()

@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         config[f"stage_{stage}"].steps = steps
         config[f"stage_{stage}"].lr_fast = 2e-3
         config[f"stage_{stage}"].lr_slow = 2e-3 if stage in ("1b", "2b") else 0.0
+    config.stage_1a.plateau_every, config.stage_1a.plateau_eval_batches = 25, 4
     # At the end: WORKDIR/export, WORKDIR/samples.png and a printed report with a colour check
     # (catflax/report.py): prompted colour vs. the dominant colour in the mask, held-out images.
     config.report.enabled = True

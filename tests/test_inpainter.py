@@ -281,3 +281,29 @@ def test_bad_input_shapes(tmp_path):
         model(x["clip_masked"][:, 1:], x["mask16"], x["label"], x["global_masked"])
     with pytest.raises(ValueError, match="label"):
         model(x["clip_masked"], x["mask16"], x["global_masked"], x["global_masked"])
+
+
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_distillation_loss_weights_drop_padding(masked_only):
+    """Validation weights padding 0: the loss equals the plain loss of the valid examples."""
+    rng = np.random.default_rng(3)
+    x = random_inputs(TINY, seed=3)
+    out = inp.InpainterOutput(
+        pred_spatial=jnp.asarray(rng.standard_normal((3, 256, 32)), jnp.float32),
+        pred_global=jnp.asarray(rng.standard_normal((3, 32)), jnp.float32),
+        label_out=jnp.zeros((3, 32)),
+    )
+    target = rng.standard_normal((3, 257, 32)).astype(np.float32)
+    pooled = rng.standard_normal((3, 32)).astype(np.float32)
+    args = (out, target, pooled, x["mask16"], masked_only)
+    plain, _ = inp.distillation_loss(*args)
+    ones, _ = inp.distillation_loss(*args, weights_B=jnp.ones(3))
+    np.testing.assert_allclose(ones, plain, rtol=1e-6)
+    keep = np.array([True, False, True])
+    subset = inp.InpainterOutput(out.pred_spatial[keep], out.pred_global[keep], out.label_out[keep])
+    expected, _ = inp.distillation_loss(
+        subset, target[keep], pooled[keep], x["mask16"][keep], masked_only
+    )
+    weighted, _ = inp.distillation_loss(*args, weights_B=jnp.asarray(keep))
+    np.testing.assert_allclose(weighted, expected, rtol=1e-6)
+    assert abs(float(plain) - float(expected)) > 1e-3  # the padded example does change the loss

@@ -93,7 +93,9 @@ def run_two_processes(workdir, args, timeout=600) -> list[tuple[int, str, str]]:
 
 
 def test_two_processes_train_two_stages_and_agree(tmp_path):
-    results = run_two_processes(tmp_path, steps(2, STAGES))
+    # stage 1a also validates (reduce-on-plateau) at its last step: over both processes' shards
+    plateau = ["--config.stage_1a.plateau_every=2", "--config.stage_1a.plateau_eval_batches=2"]
+    results = run_two_processes(tmp_path, [*steps(2, STAGES), *plateau])
     for i, (code, _, err) in enumerate(results):
         assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
 
@@ -109,6 +111,13 @@ def test_two_processes_train_two_stages_and_agree(tmp_path):
         assert logged_steps == [1, 2]
         assert [f"{x:.4g}" for x in (logged[0], logged[-1])] == loss0
         assert np.all(np.isfinite(logged))
+
+    # One validation, written once (process 0), with the same loss on both processes.
+    with open(tmp_path / "run" / "1a" / "validation.jsonl") as f:
+        (validation,) = [json.loads(line) for line in f]
+    assert validation["step"] == 2 and validation["val_batches"] == 2
+    seen = [re.findall(r"validation loss (\S+) over", err) for _, _, err in results]
+    assert seen[0] == seen[1] == [f"{validation['val_loss']:.5g}"]
 
     # The second stage started from the first one's inpainter (on both processes).
     for _, _, err in results:

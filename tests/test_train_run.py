@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo config made smaller still: every stage a few steps of batch 4.
@@ -95,6 +96,32 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_plateau_lowers_the_rate_and_survives_a_resume(tmp_path):
+    """Stage 1a validates every 2 steps; threshold 0.9 and patience 0 make every validation after
+    the first a plateau. Killed after the step-4 checkpoint and resumed, steps 5-6 still run at
+    the reduced rate and the step-6 validation still compares with the restored best loss."""
+    args = [*steps(6, ("1a",)), "--config.train.checkpoint_every=2",
+            "--config.stage_1a.plateau_every=2", "--config.stage_1a.plateau_eval_batches=1",
+            "--config.stage_1a.plateau_patience=0", "--config.stage_1a.plateau_threshold=0.9",
+            "--config.stage_1a.lr_fast=1e-3"]  # fmt: skip
+    killed = run_main(tmp_path, *args, env=env_for({"CATFLAX_TEST_KILL_AT_STEP": "5"}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_main(tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stderr
+
+    with open(tmp_path / "1a" / "validation.jsonl") as f:
+        validations = [json.loads(line) for line in f]
+    assert [v["step"] for v in validations] == [2, 4, 6]
+    assert [v["lr_scale"] for v in validations] == pytest.approx([1.0, 0.1, 0.01])
+    assert all(np.isfinite(v["val_loss"]) and v["val_loss"] > 0 for v in validations)
+    with open(tmp_path / "1a" / "metrics.jsonl") as f:
+        rows = {r["step"]: r for r in map(json.loads, f)}
+    assert [rows[s]["lr_scale"] for s in range(1, 7)] == pytest.approx([1, 1, 1, 1, 0.1, 0.1])
+    assert rows[5]["lr_fast"] == pytest.approx(1e-4)
+    assert os.path.isdir(tmp_path / "1a" / "final")
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):

@@ -26,8 +26,10 @@ class Feed:
 
     @classmethod
     def from_config(cls, config, mode: str = "train") -> Feed:
-        """A feed over this process's shard of `config.data` (see pipeline.from_config)."""
-        return cls(pipeline.make_iterator(pipeline.from_config(config, mode)))
+        """A feed over this process's shard of `config.data` (see pipeline.from_config); "eval"
+        feeds also carry `valid` (False for the padding that evens out the last batch)."""
+        keys = DEVICE_KEYS + (("valid",) if mode == "eval" else ())
+        return cls(pipeline.make_iterator(pipeline.from_config(config, mode)), keys)
 
     def next_local(self) -> dict[str, np.ndarray]:
         """The next host-local batch, device keys only, plus empty_ids."""

@@ -262,15 +262,25 @@ def distillation_loss(
     pooled_unmasked_BD: jax.Array,
     mask16_BGG: jax.Array,
     masked_only: bool = False,
+    weights_B: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Stage 1a loss (SPEC.md §5): spatial + global. The reference's spatial numerator sums every
-    patch (default); `masked_only=True` sums only masked patches, as the paper describes."""
+    patch (default); `masked_only=True` sums only masked patches, as the paper describes.
+    `weights_B` (validation: 0 for padding) weights each example; all ones is the plain loss."""
     target_BPD = clip_unmasked_BLD[:, 1:].astype(jnp.float32)
     mask_BP = (mask16_BGG != 0).reshape(target_BPD.shape[:2]).astype(jnp.float32)
     per_patch_BP = jnp.mean((out.pred_spatial.astype(jnp.float32) - target_BPD) ** 2, axis=-1)
+    diff = out.pred_global.astype(jnp.float32) - pooled_unmasked_BD.astype(jnp.float32)
+    per_example_B = jnp.mean(diff**2, axis=-1)
+    if weights_B is not None:
+        w_B = weights_B.astype(jnp.float32)
+        mask_BP, per_patch_BP = w_B[:, None] * mask_BP, w_B[:, None] * per_patch_BP
+        per_example_B = w_B * per_example_B
+        count = w_B.sum()
+    else:
+        count = jnp.float32(per_example_B.shape[0])
     if masked_only:
         per_patch_BP = per_patch_BP * mask_BP
     spatial = per_patch_BP.sum() / (mask_BP.sum() + 1.0)
-    diff = out.pred_global.astype(jnp.float32) - pooled_unmasked_BD.astype(jnp.float32)
-    glob = jnp.mean(diff**2)
+    glob = per_example_B.sum() / jnp.maximum(count, 1.0)
     return spatial + glob, {"spatial_loss": spatial, "global_loss": glob}

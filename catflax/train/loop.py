@@ -27,7 +27,13 @@ from catflax.train import optim, stages
 from catflax.train.checkpoint import Checkpointer
 from catflax.train.metrics import MetricWriter
 from catflax.train.samples import write_sample_grid
-from catflax.train.steps import StepConfig, create_sharded_state, jit_step, sharding_of
+from catflax.train.steps import (
+    StepConfig,
+    create_sharded_state,
+    jit_step,
+    jit_validation,
+    sharding_of,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -115,6 +121,24 @@ def save_final(workdir: str, stage: str, params: nnx.State) -> None:
 
 
 # ============================================================================ stage
+def optimizer_config(config, stage: str) -> optim.OptimizerConfig:
+    """The stage's AdamW groups, clipping, warmup and (stage 1a) reduce-on-plateau."""
+    scfg = config[f"stage_{stage}"]
+    return optim.OptimizerConfig(
+        lr_fast=scfg.lr_fast, lr_slow=scfg.lr_slow, warmup_steps=scfg.warmup_steps,
+        weight_decay=config.optimizer.weight_decay, grad_clip_norm=config.optimizer.grad_clip_norm,
+        reduce_on_plateau=scfg.get("plateau_every", 0) > 0,
+    )  # fmt: skip
+
+
+def step_config(config, stage: str) -> StepConfig:
+    spec, scfg = stages.stage_spec(stage), config[f"stage_{stage}"]
+    return StepConfig(
+        kind=spec.step, tokens=spec.tokens, cond_dropout=config.train.cond_dropout,
+        masked_numerator=scfg.get("masked_numerator", False), ema_decay=config.train.ema_decay,
+    )  # fmt: skip
+
+
 @dataclasses.dataclass
 class StageResult:
     stage: str
@@ -123,10 +147,21 @@ class StageResult:
     skipped: bool = False
 
 
-def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResult:
-    """Trains one stage to its configured number of steps, resuming where it stopped."""
+def run_stage(
+    config, stage: str, workdir: str, mesh, data_factory, eval_factory=None
+) -> StageResult:
+    """Trains one stage to its configured number of steps, resuming where it stopped.
+
+    `data_factory(stage)` gives the training Feed; `eval_factory()` a fresh validation Feed
+    (read when the stage has `plateau_every` > 0: reduce-on-plateau on the validation loss)."""
     spec = stages.stage_spec(stage)
     scfg = config[f"stage_{stage}"]
+    plateau_every = scfg.get("plateau_every", 0)
+    if plateau_every and (spec.step != "distill" or eval_factory is None):
+        raise ValueError(
+            f"stage_{stage}.plateau_every={plateau_every}: reduce-on-plateau needs the validation "
+            "loss of stage 1a (distillation)" + ("" if eval_factory else " and a validation feed")
+        )
     stage_dir = os.path.join(workdir, stage)
     if os.path.isdir(final_dir(workdir, stage)):
         logging.info("stage %s already finished; skipping", stage)
@@ -142,15 +177,8 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
     model = nnx.merge(graphdef, params)
     graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
 
-    opt_cfg = optim.OptimizerConfig(
-        lr_fast=scfg.lr_fast, lr_slow=scfg.lr_slow, warmup_steps=scfg.warmup_steps,
-        weight_decay=config.optimizer.weight_decay, grad_clip_norm=config.optimizer.grad_clip_norm,
-    )  # fmt: skip
-    tx = optim.make_optimizer(opt_cfg, trainable)
-    step_cfg = StepConfig(
-        kind=spec.step, tokens=spec.tokens, cond_dropout=config.train.cond_dropout,
-        masked_numerator=scfg.get("masked_numerator", False), ema_decay=config.train.ema_decay,
-    )  # fmt: skip
+    tx = optim.make_optimizer(optimizer_config(config, stage), trainable)
+    step_cfg = step_config(config, stage)
     rng = jax.random.fold_in(jax.random.key(config.seed), stages.STAGE_ORDER.index(stage))
     ema = config.train.ema_decay > 0
     state = create_sharded_state(trainable, tx, rng, ema, shardings, mesh)
@@ -175,6 +203,8 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
     logging.info("stage %s: compiled step, %.3g GFLOP/step, memory %s", stage, flops / 1e9,
                  _memory(compiled))  # fmt: skip
 
+    validation = jit_validation(graphdef, step_cfg) if plateau_every else None
+
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(os.path.join(stage_dir, "tensorboard"), scfg.steps, stage)
     stop = _PreemptionFlag()
@@ -195,6 +225,8 @@ def run_stage(config, stage: str, workdir: str, mesh, data_factory) -> StageResu
                 losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
                 last_time = time.time()
             pending = (step, metrics, data_iter.skipped())
+            if plateau_every and step % plateau_every == 0:  # before the checkpoint of this step
+                state = validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step)
             if step % config.train.checkpoint_every == 0 or step == scfg.steps or stop.requested:
                 losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
                 pending = None
@@ -234,16 +266,54 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[f
             f"loss is {values['loss']} at step {step}; stopping (the last good checkpoint is kept)"
         )
     dt = max(time.time() - since, 1e-9)
+    scale = values.get("lr_scale", 1.0)  # reduce-on-plateau's factor
     values.update(
         step_time_s=dt, examples_per_s=global_batch / dt, skipped_examples=float(skipped),
-        lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)),
-        lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)),
+        lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)) * scale,
+        lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)) * scale,
         mfu=flops / dt / (config.train.peak_flops_per_device * jax.device_count()),
     )  # fmt: skip
     writer.record(step, values)  # every step, to metrics.jsonl
     if step % config.train.log_every == 0 or step == scfg.steps:
         writer.scalars(step, values)
     return [values["loss"]]
+
+
+def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
+    """The validation loss (mean over the valid examples of the first `plateau_eval_batches`
+    batches of a fresh validation feed; 0: the whole split) is fed to reduce-on-plateau; returns
+    the state with the new PlateauState. Logged to TensorBoard and <stage>/validation.jsonl."""
+    feed, limit = eval_factory(), scfg.get("plateau_eval_batches", 0)
+    total = count = 0.0
+    batches = 0
+    while not limit or batches < limit:
+        try:
+            batch = feed.next_global(mesh)
+        except StopIteration:
+            break
+        loss_sum, valid = jax.device_get(validation(state.params, frozen, batch))
+        total, count, batches = total + float(loss_sum), count + float(valid), batches + 1
+    if count == 0:
+        raise ValueError(f"step {step}: the validation split gave no valid examples")
+    loss = total / count
+    plateau_cfg = optim.PlateauConfig(
+        factor=scfg.get("plateau_factor", 0.1), patience=scfg.get("plateau_patience", 2),
+        threshold=scfg.get("plateau_threshold", 1e-4),
+    )  # fmt: skip
+    old = optim.plateau_state(state.opt_state)
+    observe = jax.jit(optim.observe_validation_loss, static_argnums=2,
+                      out_shardings=sharding_of(old))  # as the compiled step expects  # fmt: skip
+    new = observe(old, loss, plateau_cfg)
+    values = {
+        "val_loss": loss,
+        "lr_scale": float(jax.device_get(new.scale)),
+        "val_batches": batches,
+    }
+    writer.record(step, values, name="validation")
+    writer.scalars(step, values)
+    logging.info("step %d: validation loss %.5g over %d batches; learning-rate scale %g", step,
+                 values["val_loss"], batches, values["lr_scale"])  # fmt: skip
+    return state.replace(opt_state=optim.with_plateau_state(state.opt_state, new))
 
 
 def _flops(compiled) -> float:

@@ -26,10 +26,12 @@ class MetricWriter:
 
             self.writer = SummaryWriter(logdir)
 
-    def record(self, step: int, values: Mapping[str, float]) -> None:
-        """Appends one line per step to <stage>/metrics.jsonl (the raw curve, for reports)."""
+    def record(self, step: int, values: Mapping[str, float], name: str = "metrics") -> None:
+        """Appends a line to <stage>/<name>.jsonl: metrics.jsonl has one per step (the raw
+        curve, for reports), validation.jsonl one per validation."""
         if self.enabled:
-            with open(self.jsonl, "a") as f:
+            path = os.path.join(os.path.dirname(self.jsonl), f"{name}.jsonl")
+            with open(path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
     def scalars(self, step: int, values: Mapping[str, float], first_step: int = 0) -> None:

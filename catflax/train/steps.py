@@ -21,6 +21,7 @@ from optax.transforms import _masking
 
 from catflax import diffusion
 from catflax.models import inpainter as inpainter_lib
+from catflax.train import optim
 
 
 @struct.dataclass
@@ -54,7 +55,7 @@ def create_state(params: nnx.State, tx: optax.GradientTransformation, rng, ema: 
     )
 
 
-def distill_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
+def distill_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng, weights_B=None):
     """SPEC.md §5 distillation: inpainter(masked features) vs teacher features of the image."""
     del rng
     masked_last, masked_pooled = model.teacher(batch["masked224"])
@@ -62,8 +63,9 @@ def distill_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
     _, label = model.encode_text(batch["input_ids"])
     out = model.inpainter(masked_last, batch["mask16"], label, masked_pooled)
     return inpainter_lib.distillation_loss(
-        out, target_last, target_pooled, batch["mask16"], masked_only=cfg.masked_numerator
-    )
+        out, target_last, target_pooled, batch["mask16"], masked_only=cfg.masked_numerator,
+        weights_B=weights_B,
+    )  # fmt: skip
 
 
 def denoise_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
@@ -114,6 +116,9 @@ def train_step(
         d = cfg.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    plateau = optim.plateau_state(state.opt_state)
+    if plateau is not None:  # the factor this step's update was scaled by
+        metrics["lr_scale"] = plateau.scale
     new_state = TrainState(state.step + 1, params, opt_state, ema, rng)
     return new_state, metrics
 
@@ -127,6 +132,28 @@ def jit_step(graphdef, tx, cfg: StepConfig, state_sharding, frozen_sharding, bat
         out_shardings=(state_sharding, None),
         donate_argnums=(0,),
     )
+
+
+def validation_loss(
+    params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
+    graphdef: nnx.GraphDef, cfg: StepConfig,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """(loss x valid examples, valid examples) of one validation batch: the stage's loss on
+    `batch["valid"]` examples only (padding weighs nothing). Stage 1a's loss has no randomness."""
+    if cfg.kind != "distill":
+        raise ValueError(
+            f"a validation loss is defined for the distillation stage only, not {cfg.kind!r}"
+        )
+    model = nnx.merge(graphdef, params, frozen)
+    valid_B = batch["valid"].astype(jnp.float32)
+    loss, _ = distill_loss(model, batch, cfg, None, weights_B=valid_B)
+    count = valid_B.sum()
+    return loss * count, count
+
+
+def jit_validation(graphdef, cfg: StepConfig):
+    """`validation_loss` jitted (inputs keep their shardings; outputs are replicated)."""
+    return jax.jit(functools.partial(validation_loss, graphdef=graphdef, cfg=cfg))
 
 
 def sharding_of(tree: Any) -> Any:
