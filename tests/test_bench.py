@@ -115,3 +115,16 @@ def test_cpu_ops_bench(capsys):
     ynn = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
     assert ynn in record["xla_flags"]["catflax"].split()
     assert ynn not in record["xla_flags"]["jaxlib_default"]
+
+
+def test_cpu_bf16_bench(capsys):
+    """Every matmul / conv dtype row, both sides, with a rate."""
+    from bench import cpu_bf16
+
+    cpu_bf16.main(["--size=128", "--repeats=1"])
+    rows = json_line(capsys.readouterr().out)["rows"]
+    seen = {(r["op"].split()[0], r["dtype"], r["side"]) for r in rows}
+    for op in ("matmul", "conv3x3"):
+        assert {(op, d, "jax") for d in ("fp32", "bf16", "bf16 -> fp32")} <= seen
+        assert {(op, d, "torch") for d in ("fp32", "bf16")} <= seen
+    assert all(r["gflops"] > 0 for r in rows)
