@@ -280,9 +280,11 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[f
 
 
 def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
-    """The validation loss (mean over the valid examples of the first `plateau_eval_batches`
-    batches of a fresh validation feed; 0: the whole split) is fed to reduce-on-plateau; returns
-    the state with the new PlateauState. Logged to TensorBoard and <stage>/validation.jsonl."""
+    """The validation loss, fed to reduce-on-plateau; returns the state with the new PlateauState.
+
+    The loss of each of the first `plateau_eval_batches` batches of a fresh validation feed (0:
+    the whole split) over its valid examples, averaged with those counts as weights. Logged to
+    TensorBoard, the console and <stage>/validation.jsonl."""
     feed, limit = eval_factory(), scfg.get("plateau_eval_batches", 0)
     total = count = 0.0
     batches = 0
@@ -295,20 +297,18 @@ def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
         total, count, batches = total + float(loss_sum), count + float(valid), batches + 1
     if count == 0:
         raise ValueError(f"step {step}: the validation split gave no valid examples")
-    loss = total / count
     plateau_cfg = optim.PlateauConfig(
         factor=scfg.get("plateau_factor", 0.1), patience=scfg.get("plateau_patience", 2),
         threshold=scfg.get("plateau_threshold", 1e-4),
     )  # fmt: skip
     old = optim.plateau_state(state.opt_state)
-    observe = jax.jit(optim.observe_validation_loss, static_argnums=2,
-                      out_shardings=sharding_of(old))  # as the compiled step expects  # fmt: skip
-    new = observe(old, loss, plateau_cfg)
-    values = {
-        "val_loss": loss,
-        "lr_scale": float(jax.device_get(new.scale)),
-        "val_batches": batches,
-    }
+    # out_shardings: the compiled train step takes its state only in the shardings it was built for
+    observe = jax.jit(
+        optim.observe_validation_loss, static_argnums=2, out_shardings=sharding_of(old)
+    )
+    new = observe(old, total / count, plateau_cfg)
+    values = dict(val_loss=total / count, lr_scale=float(jax.device_get(new.scale)),
+                  val_batches=batches)  # fmt: skip
     writer.record(step, values, name="validation")
     writer.scalars(step, values)
     logging.info("step %d: validation loss %.5g over %d batches; learning-rate scale %g", step,
