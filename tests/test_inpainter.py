@@ -226,10 +226,10 @@ def test_mask16_rule():
         inp.mask16_from_mask224(np.zeros((224, 200)))
 
 
-def test_distillation_loss_matches_reference_formula():
-    cfg = TINY
-    x = random_inputs(cfg, seed=2)
-    rng = np.random.default_rng(2)
+def distillation_inputs(seed: int):
+    """(inpainter output, teacher features, teacher pooled, inputs) for 3 examples."""
+    x = random_inputs(TINY, seed=seed)
+    rng = np.random.default_rng(seed)
     out = inp.InpainterOutput(
         pred_spatial=jnp.asarray(rng.standard_normal((3, 256, 32)), jnp.float32),
         pred_global=jnp.asarray(rng.standard_normal((3, 32)), jnp.float32),
@@ -237,6 +237,11 @@ def test_distillation_loss_matches_reference_formula():
     )
     target = rng.standard_normal((3, 257, 32)).astype(np.float32)
     pooled = rng.standard_normal((3, 32)).astype(np.float32)
+    return out, target, pooled, x
+
+
+def test_distillation_loss_matches_reference_formula():
+    out, target, pooled, x = distillation_inputs(2)
     ps, tgt = torch.tensor(np.asarray(out.pred_spatial)), torch.from_numpy(target[:, 1:])
     m = torch.from_numpy(x["mask16"].reshape(3, -1).astype(np.float32))
     per_patch = ((ps - tgt) ** 2).mean(-1)
@@ -286,15 +291,7 @@ def test_bad_input_shapes(tmp_path):
 @pytest.mark.parametrize("masked_only", [False, True])
 def test_distillation_loss_weights_drop_padding(masked_only):
     """Validation weights padding 0: the loss equals the plain loss of the valid examples."""
-    rng = np.random.default_rng(3)
-    x = random_inputs(TINY, seed=3)
-    out = inp.InpainterOutput(
-        pred_spatial=jnp.asarray(rng.standard_normal((3, 256, 32)), jnp.float32),
-        pred_global=jnp.asarray(rng.standard_normal((3, 32)), jnp.float32),
-        label_out=jnp.zeros((3, 32)),
-    )
-    target = rng.standard_normal((3, 257, 32)).astype(np.float32)
-    pooled = rng.standard_normal((3, 32)).astype(np.float32)
+    out, target, pooled, x = distillation_inputs(3)
     args = (out, target, pooled, x["mask16"], masked_only)
     plain, _ = inp.distillation_loss(*args)
     ones, _ = inp.distillation_loss(*args, weights_B=jnp.ones(3))
