@@ -27,6 +27,9 @@ import catflax  # noqa: F401  (sets catflax's XLA:CPU flags before jax starts)
 from bench import common
 
 CONV = dict(batch=4, hw=64, channels=128)
+# (row name, operand dtype, preferred_element_type) of the JAX rows
+JAX_DTYPES = (("fp32", jnp.float32, None), ("bf16", jnp.bfloat16, None),
+              ("bf16 -> fp32", jnp.bfloat16, jnp.float32))  # fmt: skip
 
 
 def jax_rows(size: int, repeats: int) -> list[dict]:
@@ -34,8 +37,7 @@ def jax_rows(size: int, repeats: int) -> list[dict]:
     a32 = jax.random.normal(jax.random.key(0), (size, size))
     b32 = jax.random.normal(jax.random.key(1), (size, size))
     flops = 2 * size**3
-    for name, dtype, result in (("fp32", jnp.float32, None), ("bf16", jnp.bfloat16, None),
-                                ("bf16 -> fp32", jnp.bfloat16, jnp.float32)):  # fmt: skip
+    for name, dtype, result in JAX_DTYPES:
         a, b = a32.astype(dtype), b32.astype(dtype)
         f = jax.jit(lambda a, b, r=result: jnp.matmul(a, b, preferred_element_type=r))
         s = min(common.time_calls(lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b)), repeats))
@@ -44,8 +46,7 @@ def jax_rows(size: int, repeats: int) -> list[dict]:
     x32 = jax.random.normal(jax.random.key(2), (n, hw, hw, c))
     w32 = jax.random.normal(jax.random.key(3), (3, 3, c, c))
     flops = 2 * n * hw * hw * c * c * 9
-    for name, dtype, result in (("fp32", jnp.float32, None), ("bf16", jnp.bfloat16, None),
-                                ("bf16 -> fp32", jnp.bfloat16, jnp.float32)):  # fmt: skip
+    for name, dtype, result in JAX_DTYPES:
         x, w = x32.astype(dtype), w32.astype(dtype)
         f = jax.jit(
             lambda x, w, r=result: jax.lax.conv_general_dilated(

@@ -276,11 +276,9 @@ def distillation_loss(
         w_B = weights_B.astype(jnp.float32)
         mask_BP, per_patch_BP = w_B[:, None] * mask_BP, w_B[:, None] * per_patch_BP
         per_example_B = w_B * per_example_B
-        count = w_B.sum()
-    else:
-        count = jnp.float32(per_example_B.shape[0])
+    count = per_example_B.shape[0] if weights_B is None else jnp.maximum(w_B.sum(), 1.0)
     if masked_only:
         per_patch_BP = per_patch_BP * mask_BP
     spatial = per_patch_BP.sum() / (mask_BP.sum() + 1.0)
-    glob = per_example_B.sum() / jnp.maximum(count, 1.0)
+    glob = per_example_B.sum() / count
     return spatial + glob, {"spatial_loss": spatial, "global_loss": glob}

@@ -20,7 +20,7 @@ class MetricWriter:
         self.total_steps, self.stage = total_steps, stage
         self.start = time.time()
         self.writer = None
-        self.jsonl = os.path.join(os.path.dirname(logdir.rstrip("/")), "metrics.jsonl")
+        self.stage_dir = os.path.dirname(logdir.rstrip("/"))  # where the .jsonl records go
         if self.enabled:
             from tensorboardX import SummaryWriter
 
@@ -30,8 +30,7 @@ class MetricWriter:
         """Appends a line to <stage>/<name>.jsonl: metrics.jsonl has one per step (the raw
         curve, for reports), validation.jsonl one per validation."""
         if self.enabled:
-            path = os.path.join(os.path.dirname(self.jsonl), f"{name}.jsonl")
-            with open(path, "a") as f:
+            with open(os.path.join(self.stage_dir, f"{name}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
     def scalars(self, step: int, values: Mapping[str, float], first_step: int = 0) -> None:
