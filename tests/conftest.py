@@ -13,6 +13,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="catflax-jax-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    # A size limit turns on the cache's file lock: tests run in parallel (pytest -n 2) and the
+    # processes they start read and write the cache at once.
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 import jax
 

@@ -34,9 +34,9 @@ def steps(n: int, stages=("1a", "1b", "2a", "2b")) -> list[str]:
 
 
 def env_for(extra=None, devices: int = 4, compile_cache: bool = True):
-    # conftest.py sets a session-wide persistent compilation cache; the exact-resume test runs
-    # without it (a run once gave a different first loss after an earlier test had filled it).
-    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE") if compile_cache else ()
+    # conftest.py's session-wide persistent compilation cache (JAX_COMPILATION_CACHE_*), unless
+    # compile_cache is False; `extra` may name another cache directory.
+    keep = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE") if compile_cache else ()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k.startswith(keep)}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env.update(extra or {})
@@ -69,8 +69,12 @@ def flat(tree, prefix=""):
 
 
 def test_exact_resume_after_sigkill(tmp_path):
+    """A straight run and a run killed at step 4 and resumed end bitwise equal. The three runs
+    share a compilation cache of their own: the first compiles, the others load its programs, as
+    a user's resumed run does with a persistent cache."""
     args = [*steps(6, ("1b",)), "--config.train.checkpoint_every=3"]
-    straight = run_main(tmp_path / "a", *args, env=env_for(compile_cache=False))
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+    straight = run_main(tmp_path / "a", *args, env=env_for(cache))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     # the stage-end sample grid, in the straight run (the runs below skip it: sampling comes
@@ -78,10 +82,10 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert os.path.isfile(tmp_path / "a" / "1b" / "samples" / "6.png")
     args.append("--config.train.sample_every=-1")
     kill = {"CATFLAX_TEST_KILL_AT_STEP": "4"}
-    killed = run_main(tmp_path / "b", *args, env=env_for(kill, compile_cache=False))
+    killed = run_main(tmp_path / "b", *args, env=env_for({**cache, **kill}))
     assert killed.returncode == -signal.SIGKILL
     assert not os.path.isdir(tmp_path / "b" / "1b" / "final")
-    resumed = run_main(tmp_path / "b", *args, env=env_for(compile_cache=False))
+    resumed = run_main(tmp_path / "b", *args, env=env_for(cache))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 3" in resumed.stderr
 
