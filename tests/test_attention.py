@@ -1,14 +1,23 @@
 """Attention kernels: the chunked (online-softmax) path equals XLA's; cuDNN where a GPU exists."""
 
+import collections
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
 
 from catflax.models import attention as attention_lib
 from catflax.models import layers
+from catflax.models.cat import CATDiffusion
+from catflax.train import stages
+from catflax.train.steps import StepConfig, create_state, train_step
+from tests.tiny import TINY_CAT, random_batch
 
 
 def qkv(seed=0, B=2, T=37, S=53, N=3, H=8, dtype=jnp.float32):
@@ -145,12 +154,107 @@ def test_unknown_implementation_is_an_error():
         attention_lib.dot_product_attention(q, k, v, implementation="flash")
 
 
+@pytest.mark.parametrize(
+    "T, S, mask_kind, causal",
+    [(77, 77, None, True), (64, 77, None, False), (37, 53, "keys", False),
+     (37, 53, "full", False), (40, 64, "heads", False), (40, 64, None, False)],
+)  # fmt: skip
+def test_even_length_padding_changes_nothing(T, S, mask_kind, causal):
+    """The cuDNN path's padding (odd lengths to even, masks broadcast to (.., T, S)), run with
+    jax's XLA kernel: outputs and gradients equal unpadded attention's."""
+    q, k, v = qkv(7, T=T, S=S)
+    B, _, N, _ = q.shape
+    rng = np.random.default_rng(1)
+    mask = {
+        None: None,
+        "keys": np.arange(S)[None, None, None, :] < np.array([40, 17])[:, None, None, None],
+        "full": rng.random((B, N, T, S)) > 0.3,
+        "heads": rng.random((B, 1, T, S)) > 0.3,
+    }[mask_kind]
+    mask = None if mask is None else jnp.asarray(mask)
+
+    def loss(attend, q, k, v):
+        out = attend(q, k, v)
+        return jnp.sum(out * jnp.cos(out)), out  # a cotangent that differs per element
+
+    def padded(q, k, v):
+        return attention_lib.even_length_attention(q, k, v, mask, causal, implementation="xla")
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+
+    (_, out), grads = jax.value_and_grad(lambda *a: loss(padded, *a), (0, 1, 2), has_aux=True)(
+        q, k, v
+    )
+    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(plain, *a), (0, 1, 2), has_aux=True)(
+        q, k, v
+    )
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_cudnn_needs_half_precision():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="bfloat16 or float16.*float32"):
+        attention_lib.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+@pytest.mark.parametrize("stage", ["1a", "2b"])
+def test_cudnn_training_step_lowers_for_cuda(stage, monkeypatch):
+    """The whole jitted training step, every tower on cuDNN attention in bf16, lowers for CUDA
+    (jax lowers for a platform it does not run on) with cuDNN's fused forward and backward
+    kernels: jax's checks for them pass on odd lengths (the 77-token text context of the UNet's
+    cross-attention, which jax 0.10's training kernel rejects unpadded; the 257-token CLIP
+    sequence). jax asks the GPU for its cuDNN version and compute capability: here cuDNN 9.8 on
+    a Hopper GPU (an H100). Running the kernels: test_cudnn_equals_xla_on_gpu."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 90800)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    bf16 = {"dtype": "bfloat16", "attention": "cudnn"}
+    parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
+    cfg = dataclasses.replace(
+        TINY_CAT, **{p: dataclasses.replace(getattr(TINY_CAT, p), **bf16) for p in parts}
+    )
+    spec = stages.stage_spec(stage)
+    model = CATDiffusion(cfg, rngs=nnx.Rngs(0))
+    graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
+    tx = optax.adamw(1e-4)
+    step_cfg = StepConfig(kind=spec.step, tokens=spec.tokens, cond_dropout=0.1)
+    state = create_state(trainable, tx, jax.random.key(0), ema=False)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(2).items()}
+
+    step = jax.jit(lambda s, f, b: train_step(s, f, b, graphdef=graphdef, tx=tx, cfg=step_cfg))
+    hlo = step.trace(state, frozen, batch).lower(lowering_platforms=("cuda",)).as_text()
+    targets = collections.Counter(re.findall(r"custom_call @(__cudnn\$fmha\w*)", hlo))
+    backward = sum(n for t, n in targets.items() if t.endswith("Backward"))
+    # one forward per attention call (the frozen towers' too), one backward per trained one
+    assert sum(targets.values()) - backward > backward > 0, targets
+    assert "custom_call @__cudnn" in hlo and "cuda" not in jax.default_backend()
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "gpu",
     reason=f"cuDNN attention needs a CUDA GPU; the jax backend here is {jax.default_backend()}",
 )
-def test_cudnn_equals_xla_on_gpu():  # pragma: no cover - only on GPU machines
-    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(5, T=64, S=64, H=64))
-    ref = attention_lib.dot_product_attention(q, k, v, implementation="xla")
-    out = attention_lib.dot_product_attention(q, k, v, implementation="cudnn")
+@pytest.mark.parametrize("T, S, causal", [(64, 64, False), (64, 77, False), (77, 77, True)])
+def test_cudnn_equals_xla_on_gpu(T, S, causal):  # pragma: no cover - only on GPU machines
+    """Outputs and gradients, the UNet's cross-attention shape (77 text tokens) included."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(5, T=T, S=S, H=64))
+
+    def attend(implementation):
+        def loss(q, k, v):
+            out = attention_lib.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=implementation
+            )
+            return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+        return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+    (_, ref), ref_grads = attend("xla")
+    (_, out), grads = attend("cudnn")
     np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), atol=5e-2)

@@ -31,11 +31,12 @@ def dot_product_attention(
 
     `xla`: jax.nn.dot_product_attention's math (fp32 logits and softmax) with the heads moved in
     front of the sequence, (B,N,T,H), a layout XLA:CPU runs 2-4x faster. `cudnn`: jax's cuDNN
-    flash attention (a GPU, fp16/bf16 inputs). `chunked`: queries in blocks of query_chunk;
-    keys all at once up to key_chunk with FlashAttention's backward (fastest on CPU), longer key
-    sets in chunks with an online softmax, so no score block exceeds query_chunk x key_chunk.
-    `splash`: jax's Pallas TPU flash kernel, on a TPU or anywhere with
-    $CATFLAX_PALLAS_INTERPRET=1; on a multi-device jit, trace under `jax.set_mesh(mesh)`.
+    flash attention (a CUDA GPU, fp16/bf16 inputs, head dim <= 256 on Hopper, <= 128 before;
+    odd lengths padded). `chunked`: queries in blocks of query_chunk; keys all at once up to
+    key_chunk with FlashAttention's backward (fastest on CPU), longer key sets in chunks with an
+    online softmax, so no score block exceeds query_chunk x key_chunk. `splash`: jax's Pallas
+    TPU flash kernel, on a TPU or anywhere with $CATFLAX_PALLAS_INTERPRET=1; on a multi-device
+    jit, trace under `jax.set_mesh(mesh)`.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -49,14 +50,39 @@ def dot_product_attention(
         return splash_attention(query_BTNH, key_BSNH, value_BSNH, mask, is_causal)
     if implementation == "xla":
         return _heads_major_attention(query_BTNH, key_BSNH, value_BSNH, mask, is_causal)
-    return jax.nn.dot_product_attention(
-        query_BTNH,
-        key_BSNH,
-        value_BSNH,
-        mask=mask,
-        is_causal=is_causal,
-        implementation=implementation,
+    if query_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"cudnn attention needs bfloat16 or float16 inputs, got {query_BTNH.dtype}: "
+            "set the model's dtype to bfloat16, or use attention 'xla'"
+        )
+    return even_length_attention(query_BTNH, key_BSNH, value_BSNH, mask, is_causal, "cudnn")
+
+
+def even_length_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cudnn"):
+    """jax.nn.dot_product_attention with query and key lengths padded to even numbers and masks
+    broadcast to (B|1, N|1, T, S), what jax's cuDNN kernels accept in training: they reject odd
+    lengths (the 77 CLIP text tokens of the UNet's cross-attention) and smaller masks. Padded
+    keys are masked out (by length, or in the mask); padded queries are sliced off."""
+    B, T, _, _ = q_BTNH.shape
+    S = k_BSNH.shape[1]
+    pad_T, pad_S = T % 2, S % 2
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    q, k, v = pad(q_BTNH, pad_T), pad(k_BSNH, pad_S), pad(v_BSNH, pad_S)
+    lengths = {}
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], T, S))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_T), (0, pad_S)))  # padding: disallowed
+    elif pad_T or pad_S:
+        lengths = dict(
+            query_seq_lengths=jnp.full((B,), T, jnp.int32),
+            key_value_seq_lengths=jnp.full((B,), S, jnp.int32),
+        )
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation, **lengths
     )
+    return out[:, :T]
 
 
 def _heads_major_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal):
