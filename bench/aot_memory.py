@@ -65,8 +65,8 @@ def load_config(path: str):
 
 
 # ============================================================================ one compile
-def compile_one(config, fsdp: int, global_batch: int, variant: str, resolution: int) -> dict:
-    """AOT-compiles the stage-2b step on a (data, fsdp) mesh over all devices; its numbers."""
+def abstract_step(config, mesh, global_batch: int, resolution: int):
+    """(setup, jitted stage-2b step, its abstract arguments) on `mesh`, no weights made."""
     import jax
 
     from bench import common
@@ -75,11 +75,6 @@ def compile_one(config, fsdp: int, global_batch: int, variant: str, resolution: 
     from catflax.train.loop import abstract_model
     from catflax.train.steps import create_state, jit_step
 
-    n = jax.device_count()
-    config = config.copy_and_resolve_references()
-    for part, fields in variant_overrides(variant).items():
-        config.model[part].update(fields)
-    mesh = sharding_lib.make_mesh(dict(data=n // fsdp, fsdp=fsdp, tensor=1))
     abstract = abstract_model(config)
     shardings = sharding_lib.param_shardings(abstract, mesh, dict(config.sharding_rules))
     setup = common.stage_setup(config, "2b", abstract)
@@ -97,9 +92,24 @@ def compile_one(config, fsdp: int, global_batch: int, variant: str, resolution: 
     batch = common.abstract_batch(cat_cfg, global_batch, resolution, mesh)
     batch_sh = {k: v.sharding for k, v in batch.items()}
     step_fn = jit_step(setup.graphdef, setup.tx, setup.step_cfg, state_sh, frozen_sh, batch_sh)
+    return setup, step_fn, (attach(abs_state, state_sh), attach(setup.frozen, frozen_sh), batch)
+
+
+def compile_one(config, fsdp: int, global_batch: int, variant: str, resolution: int) -> dict:
+    """AOT-compiles the stage-2b step on a (data, fsdp) mesh over all devices; its numbers."""
+    import jax
+
+    from bench import common
+    from catflax import sharding as sharding_lib
+
+    n = jax.device_count()
+    config = config.copy_and_resolve_references()
+    for part, fields in variant_overrides(variant).items():
+        config.model[part].update(fields)
+    mesh = sharding_lib.make_mesh(dict(data=n // fsdp, fsdp=fsdp, tensor=1))
+    setup, step_fn, args = abstract_step(config, mesh, global_batch, resolution)
     start = time.perf_counter()
-    lowered = step_fn.lower(attach(abs_state, state_sh), attach(setup.frozen, frozen_sh), batch)
-    compiled = lowered.compile()
+    compiled = step_fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     mem = common.memory_stats(compiled)

@@ -48,6 +48,7 @@ from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from catflax.models.inpainter import InpainterConfig, SemanticInpainter
+from catflax.models.rngs import abstract_module
 from catflax.models.unet import UNet, UNetConfig
 from catflax.models.vae import AutoencoderKL, VAEConfig
 from catflax.train.steps import create_state, jit_step
@@ -116,7 +117,7 @@ def shared_weights(cfg: CATConfig, workdir: str, seed: int = 0):
     parts = dict(clip_text=text, clip_vision=vision, vae=vae, unet=unet, inpainter=inpainter)
     loaded_cfg = CATConfig(**{p: m.config for p, m in parts.items()})
     _, params = nnx.split(
-        nnx.eval_shape(lambda: CATDiffusion(loaded_cfg, rngs=nnx.Rngs(0))), nnx.Param
+        abstract_module(lambda rngs: CATDiffusion(loaded_cfg, rngs=rngs)), nnx.Param
     )
     for p, m in parts.items():
         params[p] = nnx.state(m, nnx.Param)
@@ -124,7 +125,7 @@ def shared_weights(cfg: CATConfig, workdir: str, seed: int = 0):
 
 
 def graphdef_for(cfg: CATConfig) -> nnx.GraphDef:
-    return nnx.split(nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    return nnx.split(abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs)), nnx.Param)[0]
 
 
 def bench_config(cfg: CATConfig):
@@ -209,7 +210,7 @@ def run(cfg: CATConfig, batch_size: int, resolution: int, steps: int, variants, 
     config = bench_config(cfg)
     host = common.random_batch(cfg, batch_size, resolution, seed=seed)
     batch = sharding_lib.global_batch(host, mesh)
-    abstract = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs))
     shardings = sharding_lib.param_shardings(abstract, mesh)
     latent = resolution // common.latent_factor(cfg)
     u_inp = unet_inputs(cfg, batch_size, latent)

@@ -39,6 +39,8 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from catflax.models.rngs import abstract_module
+
 FORMATS = ("catflax", "reference", "diffusers")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 RUN_CONFIG = "config.json"  # WORKDIR/config.json, written by catflax.main at start
@@ -243,7 +245,7 @@ def cast_model(model, dtype: str):
     if all(getattr(cfg, p).param_dtype == dtype for p in PARTS):
         return model
     new = CATConfig(**{p: dataclasses.replace(getattr(cfg, p), param_dtype=dtype) for p in PARTS})
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: CATDiffusion(new, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(abstract_module(lambda rngs: CATDiffusion(new, rngs=rngs)))
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model)))
 
 

@@ -38,6 +38,7 @@ from catflax import diffusion
 from catflax import images as image_io
 from catflax.data import geometry
 from catflax.models.cat import CATConfig, CATDiffusion
+from catflax.models.rngs import abstract_module
 from catflax.tokenizer import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -380,7 +381,7 @@ def _read_pipeline_config(path: str) -> dict[str, Any]:
 def _load_directory(path: str, cfg: CATConfig) -> CATDiffusion:
     from catflax.weights import convert, io
 
-    model = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs))
     for name in COMPONENTS:
         file = os.path.join(path, f"{name}.safetensors")
         if not os.path.isfile(file):
@@ -423,7 +424,7 @@ def _load_checkpoint(path: str, state, cfg: CATConfig, clip_path: str | None, ov
             prefix = ldm.COMPONENT_PREFIXES[name]
             raise ValueError(f"{path}: no {prefix}* keys ({name}); pass clip_path=CLIP_DIR")
     cfg = dataclasses.replace(cfg, **{n: t.config for n, t in towers.items()})
-    model = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs))
     model.clip_text, model.clip_vision = towers["clip_text"], towers["clip_vision"]
     model.unet = ldm.load_unet(state, cfg.unet, source_name=path)[0]
     model.vae = ldm.load_vae(state, cfg.vae, source_name=path)[0]

@@ -201,6 +201,43 @@ def test_cudnn_needs_half_precision():
         attention_lib.dot_product_attention(q, k, v, implementation="cudnn")
 
 
+def pretend_cudnn_gpu(monkeypatch, hopper: bool):
+    """What jax asks the GPU before it lowers cuDNN attention: cuDNN 9.8, and whether the GPU is
+    Hopper (compute capability 9.0, as an H100) or older (as an A100)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 90800)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: hopper)
+
+
+def cudnn_calls(fn, *args) -> collections.Counter:
+    """cuDNN attention calls in fn lowered for CUDA (traced afresh: a new function each time)."""
+    hlo = jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return collections.Counter(re.findall(r"custom_call @(__cudnn\$fmha\w*)", hlo))
+
+
+def test_cudnn_falls_back_to_xla_where_it_has_no_kernel(monkeypatch, caplog):
+    """Head dim 160 (the SD UNet's deepest levels) has a cuDNN kernel on Hopper, none before:
+    there that attention runs as 'xla', with a warning; head dim 64 stays on cuDNN."""
+
+    def grads(q, k, v):
+        def loss(q, k, v):
+            out = attention_lib.dot_product_attention(q, k, v, implementation="cudnn")
+            return jnp.sum(out.astype(jnp.float32))
+
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    wide = [x.astype(jnp.bfloat16) for x in qkv(3, T=64, S=77, N=2, H=160)]
+    narrow = [x.astype(jnp.bfloat16) for x in qkv(3, T=64, S=77, N=2, H=64)]
+    pretend_cudnn_gpu(monkeypatch, hopper=True)
+    assert sum(cudnn_calls(grads, *wide).values()) == 2  # forward and backward
+    pretend_cudnn_gpu(monkeypatch, hopper=False)
+    with caplog.at_level("WARNING"):
+        assert cudnn_calls(grads, *wide) == {}
+    assert "cudnn attention has no kernel" in caplog.text and "160" in caplog.text
+    assert sum(cudnn_calls(grads, *narrow).values()) == 2
+
+
 @pytest.mark.parametrize("stage", ["1a", "2b"])
 def test_cudnn_training_step_lowers_for_cuda(stage, monkeypatch):
     """The whole jitted training step, every tower on cuDNN attention in bf16, lowers for CUDA
@@ -209,10 +246,7 @@ def test_cudnn_training_step_lowers_for_cuda(stage, monkeypatch):
     cross-attention, which jax 0.10's training kernel rejects unpadded; the 257-token CLIP
     sequence). jax asks the GPU for its cuDNN version and compute capability: here cuDNN 9.8 on
     a Hopper GPU (an H100). Running the kernels: test_cudnn_equals_xla_on_gpu."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-
-    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 90800)
-    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    pretend_cudnn_gpu(monkeypatch, hopper=True)
     bf16 = {"dtype": "bfloat16", "attention": "cudnn"}
     parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
     cfg = dataclasses.replace(
@@ -226,13 +260,37 @@ def test_cudnn_training_step_lowers_for_cuda(stage, monkeypatch):
     state = create_state(trainable, tx, jax.random.key(0), ema=False)
     batch = {k: jnp.asarray(v) for k, v in random_batch(2).items()}
 
-    step = jax.jit(lambda s, f, b: train_step(s, f, b, graphdef=graphdef, tx=tx, cfg=step_cfg))
-    hlo = step.trace(state, frozen, batch).lower(lowering_platforms=("cuda",)).as_text()
-    targets = collections.Counter(re.findall(r"custom_call @(__cudnn\$fmha\w*)", hlo))
+    step = lambda s, f, b: train_step(s, f, b, graphdef=graphdef, tx=tx, cfg=step_cfg)  # noqa: E731
+    targets = cudnn_calls(step, state, frozen, batch)
     backward = sum(n for t, n in targets.items() if t.endswith("Backward"))
     # one forward per attention call (the frozen towers' too), one backward per trained one
     assert sum(targets.values()) - backward > backward > 0, targets
-    assert "custom_call @__cudnn" in hlo and "cuda" not in jax.default_backend()
+
+
+def test_full_size_step_lowers_for_cuda(monkeypatch):
+    """configs/coco.py's stage-2b step at 512 px (the H100 benchmark's), every part but the VAE
+    on cuDNN in bf16, lowered for CUDA from abstract arrays: on Hopper all 18 UNet attentions
+    of each kind (self, adapter, text: 4096x40, 1024x80, 256x160, 64x160 queries), both CLIP
+    towers and the inpainter use cuDNN. (Before Hopper the 160-wide heads fall back to 'xla':
+    test_cudnn_falls_back_to_xla_where_it_has_no_kernel.)"""
+    from bench.aot_memory import abstract_step, load_config
+    from catflax import sharding as sharding_lib
+
+    pretend_cudnn_gpu(monkeypatch, hopper=True)
+    config = load_config("configs/coco.py")
+    for part in ("clip_text", "clip_vision", "vae", "unet", "inpainter"):
+        config.model[part].dtype = "bfloat16"
+        config.model[part].attention = "xla" if part == "vae" else "cudnn"
+    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    _, step, args = abstract_step(config, mesh, global_batch=8, resolution=512)
+    hlo = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(__cudnn\$fmha\w*)\([^\n]*?: \((tensor<[^,]*)", hlo)
+    queries = collections.Counter(shape for target, shape in calls if "Backward" not in target)
+    unet_heads = {"4096x8x40": 15, "1024x8x80": 15, "256x8x160": 15, "64x8x160": 3}
+    want = {f"tensor<8x{s}xbf16>": n for s, n in unet_heads.items()}
+    assert {q: n for q, n in queries.items() if q in want} == want, queries
+    assert "tensor<8x78x12x64xbf16>" in queries  # CLIP text, 77 tokens padded
+    assert "tensor<8x258x16x64xbf16>" in queries  # CLIP vision and inpainter, 257 padded
 
 
 @pytest.mark.skipif(

@@ -1,5 +1,8 @@
 """Splash (TPU Pallas) attention in interpret mode equals XLA's, on one device and on a mesh."""
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from catflax import sharding
 from catflax.models import attention as attention_lib
 from catflax.models import layers, splash
+from catflax.models.cat import CATDiffusion
+from catflax.train.steps import create_state, jit_step
+from tests.test_train_steps import place, split_for, with_attention
+from tests.tiny import TINY_CAT, random_batch
 
 
 @pytest.fixture
@@ -112,3 +119,30 @@ def test_splash_needs_tpu_or_interpret_mode(monkeypatch):
     backend = jax.default_backend()
     with pytest.raises(RuntimeError, match=rf"'splash'.*backend is '{backend}'.*_PALLAS_INTERPRET"):
         attention_lib.dot_product_attention(*qkv(), implementation="splash")
+
+
+def test_sharded_training_step_lowers_for_tpu(monkeypatch):
+    """The whole stage-2b training step, every part on splash attention, sharded over a
+    data x fsdp x tensor mesh of 8 devices, lowers for TPU with the compiled (not interpreted)
+    Mosaic kernels in it: forward, dK/dV and dQ, inside shard_map. jax lowers for a platform it
+    does not run on; catflax's backend check is told it runs on a TPU. Running the kernels
+    needs a TPU; interpret mode checks their numbers above."""
+    monkeypatch.delenv(splash.PALLAS_INTERPRET_ENV, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    cfg = with_attention(TINY_CAT, "splash")
+    graphdef, trainable, frozen, tx, step_cfg = split_for("2b", cfg=cfg)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    abstract = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
+    shardings = sharding.param_shardings(abstract, mesh)
+    trainable_sh, frozen_sh = place(trainable, shardings), place(frozen, shardings)
+    state = jax.jit(lambda p: create_state(p, tx, jax.random.key(1), ema=False))(trainable_sh)
+    batch = sharding.global_batch(random_batch(8), mesh)
+    step = jit_step(graphdef, tx, step_cfg, *(jax.tree.map(lambda x: x.sharding, tree)
+                                               for tree in (state, frozen_sh, batch)))  # fmt: skip
+    with jax.set_mesh(mesh):
+        lowered = step.trace(state, frozen_sh, batch).lower(lowering_platforms=("tpu",))
+    hlo = lowered.as_text()
+    kernels = collections.Counter(re.findall(r'kernel_name = "(\w+)"', hlo))
+    for kind in ("splash_mha_fwd", "splash_mha_dkv", "splash_mha_dq"):
+        assert any(name.startswith(kind) for name in kernels), (kind, kernels)
+    assert "sdy.manual_computation" in hlo  # the kernels run in shard_map, per device

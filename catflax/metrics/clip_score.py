@@ -19,6 +19,7 @@ from PIL import Image
 
 from catflax.metrics.features import map_batches
 from catflax.models.clip import CLIPTextModel, CLIPVisionModel
+from catflax.models.rngs import abstract_module
 from catflax.preprocess import clip_normalize, resize_center_crop
 
 MASK_THRESHOLD = 127  # a mask pixel > 127 is inside the region
@@ -63,7 +64,7 @@ class CLIPProjections(nnx.Module):
                 f"weight {state[names[1]].shape} project to different sizes"
             )
         dt = dict(dtype=dtype, param_dtype=param_dtype)
-        abstract = nnx.eval_shape(lambda: cls(text_w, vision_w, dim, rngs=nnx.Rngs(0), **dt))
+        abstract = abstract_module(lambda rngs: cls(text_w, vision_w, dim, rngs=rngs, **dt))
         model, _ = convert.load_state_dict(abstract, {k: state[k] for k in names}, source_name=path)
         return model
 

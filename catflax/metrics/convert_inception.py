@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flax import nnx
-
 from catflax.metrics import inception
+from catflax.models.rngs import abstract_module
 from catflax.weights import convert, io
 
 
@@ -24,7 +23,7 @@ def convert_file(src: str, dst: str) -> str:
         raise ValueError(f"{dst}: the output name must end in .safetensors")
     digest = inception.check_file_hash(src)
     state = inception.read_fid_state_dict(src, allow_pickle=True)
-    abstract = nnx.eval_shape(lambda: inception.InceptionV3(rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: inception.InceptionV3(rngs=rngs))
     convert.load_state_dict(abstract, state, source_name=src)  # raises on any mismatch
     metadata = {"source": inception.FID_WEIGHTS_NAME, "source_sha256": digest}
     io.write_safetensors(dst, state, metadata=metadata)

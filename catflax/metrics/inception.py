@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from catflax.models.rngs import abstract_module
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
 MIN_INPUT_SIZE = 75  # smaller inputs shrink to nothing before Mixed_7a
@@ -304,7 +306,7 @@ class InceptionV3(nnx.Module):
 
         cfg = InceptionConfig(**overrides)
         state = read_fid_state_dict(path, allow_pickle=allow_pickle)
-        abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+        abstract = abstract_module(lambda rngs: cls(cfg, rngs=rngs))
         model, _ = convert.load_state_dict(abstract, state, source_name=path, place=place)
         return model
 

@@ -3,11 +3,13 @@ and Pallas splash (catflax.models.splash). `dot_product_attention` picks one by 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from catflax.models.splash import splash_attention
 
@@ -31,12 +33,13 @@ def dot_product_attention(
 
     `xla`: jax.nn.dot_product_attention's math (fp32 logits and softmax) with the heads moved in
     front of the sequence, (B,N,T,H), a layout XLA:CPU runs 2-4x faster. `cudnn`: jax's cuDNN
-    flash attention (a CUDA GPU, fp16/bf16 inputs, head dim <= 256 on Hopper, <= 128 before;
-    odd lengths padded). `chunked`: queries in blocks of query_chunk; keys all at once up to
-    key_chunk with FlashAttention's backward (fastest on CPU), longer key sets in chunks with an
-    online softmax, so no score block exceeds query_chunk x key_chunk. `splash`: jax's Pallas
-    TPU flash kernel, on a TPU or anywhere with $CATFLAX_PALLAS_INTERPRET=1; on a multi-device
-    jit, trace under `jax.set_mesh(mesh)`.
+    flash attention (a CUDA GPU, fp16/bf16 inputs; odd lengths padded; shapes it has no kernel
+    for, such as head dim > 128 before Hopper, fall back to `xla` with a warning). `chunked`:
+    queries in blocks of query_chunk; keys all at once up to key_chunk with FlashAttention's
+    backward (fastest on CPU), longer key sets in chunks with an online softmax, so no score
+    block exceeds query_chunk x key_chunk. `splash`: jax's Pallas TPU flash kernel, on a TPU or
+    anywhere with $CATFLAX_PALLAS_INTERPRET=1; on a multi-device jit, trace under
+    `jax.set_mesh(mesh)`.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -55,7 +58,19 @@ def dot_product_attention(
             f"cudnn attention needs bfloat16 or float16 inputs, got {query_BTNH.dtype}: "
             "set the model's dtype to bfloat16, or use attention 'xla'"
         )
-    return even_length_attention(query_BTNH, key_BSNH, value_BSNH, mask, is_causal, "cudnn")
+    try:
+        return even_length_attention(query_BTNH, key_BSNH, value_BSNH, mask, is_causal, "cudnn")
+    except NotImplementedError as err:  # no cuDNN kernel for this shape on this GPU
+        _warn_cudnn_fallback(query_BTNH.shape, key_BSNH.shape, str(err))
+        return _heads_major_attention(query_BTNH, key_BSNH, value_BSNH, mask, is_causal)
+
+
+@functools.cache
+def _warn_cudnn_fallback(q_shape, k_shape, reason: str) -> None:
+    logging.warning(
+        "cudnn attention has no kernel for queries %s, keys %s (%s): this attention uses 'xla'",
+        q_shape, k_shape, reason,
+    )  # fmt: skip
 
 
 def even_length_attention(q_BTNH, k_BSNH, v_BSNH, mask, is_causal, implementation="cudnn"):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from catflax.models.attention import dot_product_attention
 from catflax.models.layers import activation, remat, remat_mode
+from catflax.models.rngs import abstract_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +275,7 @@ def _from_pretrained(
     )
     state = {k: v for k, v in state.items() if k.startswith(prefix) or not k.startswith(other)}
     state.pop(f"{prefix}embeddings.position_ids", None)  # a buffer, saved by old versions
-    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: cls(cfg, rngs=rngs))
     model, _ = convert.load_state_dict(
         abstract, state, source_name=path, rename=rename, place=place
     )

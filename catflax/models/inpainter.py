@@ -20,6 +20,7 @@ from flax import nnx
 
 from catflax.models.clip import CLIPEncoder
 from catflax.models.layers import activation
+from catflax.models.rngs import abstract_module
 
 CHECKPOINT_PREFIX = "fusion_model."  # where the official CAT-Diffusion checkpoint keeps it
 
@@ -165,7 +166,7 @@ class SemanticInpainter(nnx.Module):
                 source_name, missing=[f"{prefix}* (no key starts with {prefix!r})"]
             )
         own.pop(f"{prefix}embeddings.position_ids", None)  # a non-persistent buffer in torch
-        abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+        abstract = abstract_module(lambda rngs: cls(config, rngs=rngs))
         model, _ = convert.load_state_dict(
             abstract, own, source_name=source_name, rename=lambda k: prefix + k, place=place
         )

@@ -29,6 +29,7 @@ from catflax.models.layers import (
     torch_linear,
 )
 from catflax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from catflax.models.rngs import abstract_module
 
 ADAPTER_MODULES = ("ref_norm", "ref_attn")
 
@@ -347,7 +348,7 @@ class UNet(nnx.Module):
                 "latents; a 4-channel file is a text-to-image UNet)",
                 mismatched=[f"{name('conv_in.weight')}: {tuple(conv_in.shape)}"],
             )
-        abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
+        abstract = abstract_module(lambda rngs: cls(cfg, rngs=rngs), seed)
         fresh = {}
         if cfg.ref_adapter:
             adapter = init_adapter_state(abstract, rename, seed)

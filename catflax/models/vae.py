@@ -23,6 +23,7 @@ from catflax.models.layers import (
     torch_linear,
 )
 from catflax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from catflax.models.rngs import abstract_module
 
 # SD-1.x latent scale: the UNet sees LATENT_SCALE * (VAE latents); decoding divides it back out.
 LATENT_SCALE = 0.18215
@@ -248,7 +249,7 @@ class AutoencoderKL(nnx.Module):
         """The VAE from a PyTorch-style state dict (names via `rename`): (model, LoadReport)."""
         from catflax.weights import convert
 
-        abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+        abstract = abstract_module(lambda rngs: cls(cfg, rngs=rngs))
         return convert.load_state_dict(
             abstract, state, source_name=source_name, rename=rename, place=place
         )

@@ -23,6 +23,8 @@ from flax import nnx
 
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
+from catflax.models.rngs import abstract_module
+from catflax.models.rngs import rngs as model_rngs
 from catflax.train import optim, stages
 from catflax.train.checkpoint import Checkpointer
 from catflax.train.metrics import MetricWriter
@@ -43,7 +45,7 @@ class NonFiniteLossError(FloatingPointError):
 # ============================================================================ model
 def abstract_model(config) -> CATDiffusion:
     cat_cfg = CATConfig.from_dict(config.model)
-    return nnx.eval_shape(lambda: CATDiffusion(cat_cfg, rngs=nnx.Rngs(config.seed)))
+    return abstract_module(lambda rngs: CATDiffusion(cat_cfg, rngs=rngs), config.seed)
 
 
 _INIT_CACHE: dict = {}
@@ -70,7 +72,7 @@ def _init_params(config, mesh):
     shardings = sharding_lib.param_shardings(abstract, mesh, dict(config.sharding_rules))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     out = sharding_lib.state_shardings(abstract_params, shardings)
-    make = lambda: nnx.state(CATDiffusion(cat_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)  # noqa: E731
+    make = lambda: nnx.state(CATDiffusion(cat_cfg, rngs=model_rngs(config.seed)), nnx.Param)  # noqa: E731
     params = jax.jit(make, out_shardings=out)()
     return graphdef, params, shardings
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from catflax.models import clip
+from catflax.models.rngs import abstract_module
 from catflax.models.unet import CAT_UNET, UNet, UNetConfig
 from catflax.models.vae import SD15_VAE, AutoencoderKL, VAEConfig
 from catflax.weights import convert, io
@@ -227,7 +227,7 @@ def load_clip_text(
 ) -> clip.CLIPTextModel:  # fmt: skip
     """The CLIP text tower from a checkpoint's `cond_stage_model.transformer.*` keys."""
     part = _tower(split_checkpoint(state)["clip_text"], "text_model.")
-    abstract = nnx.eval_shape(lambda: clip.CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: clip.CLIPTextModel(cfg, rngs=rngs))
     model, _ = convert.load_state_dict(
         abstract, part, source_name=f"{source_name} [cond_stage_model.transformer]", place=place
     )
@@ -240,7 +240,7 @@ def load_clip_vision(
 ) -> clip.CLIPVisionModel:  # fmt: skip
     """The CLIP vision tower (the teacher) from a CAT checkpoint's `cond_stage_model2.encoder.*`."""
     part = _tower(split_checkpoint(state)["clip_vision"], "vision_model.")
-    abstract = nnx.eval_shape(lambda: clip.CLIPVisionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: clip.CLIPVisionModel(cfg, rngs=rngs))
     model, _ = convert.load_state_dict(
         abstract, part, source_name=f"{source_name} [cond_stage_model2.encoder]", place=place,
         rename=lambda k: k.replace("pre_layernorm", "pre_layrnorm"),  # transformers' spelling

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from flax import nnx
 
+from catflax.models.rngs import abstract_module
 from catflax.models.vae import _EPS, AutoencoderKL, VAEConfig
 
 COLOUR_CHANNELS = 3
@@ -75,7 +76,7 @@ def _identity(kernel: np.ndarray) -> None:
 def pooling_vae_arrays(cfg: VAEConfig) -> dict[tuple, np.ndarray]:
     """Every parameter of `AutoencoderKL(cfg)` by its nnx path, as float32 numpy arrays."""
     _check(cfg)
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: AutoencoderKL(cfg, rngs=rngs))
     arrays = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         fill = 1.0 if path[-1] == "scale" else 0.0  # norms: weight 1, bias 0
@@ -102,7 +103,7 @@ def pooling_vae_arrays(cfg: VAEConfig) -> dict[tuple, np.ndarray]:
 
 def pooling_vae(cfg: VAEConfig) -> AutoencoderKL:
     """The hand-set autoencoder as a model (for tests and tools; training uses the arrays)."""
-    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda rngs: AutoencoderKL(cfg, rngs=rngs))
     state = nnx.state(model, nnx.Param)
     arrays = pooling_vae_arrays(cfg)
     for path, var in nnx.to_flat_state(state):
