@@ -1,22 +1,19 @@
 """Attention kernels: the chunked (online-softmax) path equals XLA's; cuDNN where a GPU exists."""
 
 import collections
-import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
 
 from catflax.models import attention as attention_lib
 from catflax.models import layers
-from catflax.models.cat import CATDiffusion
-from catflax.train import stages
-from catflax.train.steps import StepConfig, create_state, train_step
+from catflax.train.steps import create_state, train_step
+from tests.test_train_steps import split_for, with_attention
 from tests.tiny import TINY_CAT, random_batch
 
 
@@ -247,16 +244,8 @@ def test_cudnn_training_step_lowers_for_cuda(stage, monkeypatch):
     sequence). jax asks the GPU for its cuDNN version and compute capability: here cuDNN 9.8 on
     a Hopper GPU (an H100). Running the kernels: test_cudnn_equals_xla_on_gpu."""
     pretend_cudnn_gpu(monkeypatch, hopper=True)
-    bf16 = {"dtype": "bfloat16", "attention": "cudnn"}
-    parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
-    cfg = dataclasses.replace(
-        TINY_CAT, **{p: dataclasses.replace(getattr(TINY_CAT, p), **bf16) for p in parts}
-    )
-    spec = stages.stage_spec(stage)
-    model = CATDiffusion(cfg, rngs=nnx.Rngs(0))
-    graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
-    tx = optax.adamw(1e-4)
-    step_cfg = StepConfig(kind=spec.step, tokens=spec.tokens, cond_dropout=0.1)
+    cfg = with_attention(TINY_CAT, "cudnn", dtype="bfloat16")
+    graphdef, trainable, frozen, tx, step_cfg = split_for(stage, cfg=cfg)
     state = create_state(trainable, tx, jax.random.key(0), ema=False)
     batch = {k: jnp.asarray(v) for k, v in random_batch(2).items()}
 

@@ -22,11 +22,12 @@ from catflax.train.steps import (
 from tests.tiny import TINY_CAT, random_batch
 
 
-def with_attention(cfg: CATConfig, attention: str) -> CATConfig:
-    """`cfg` with every part's attention implementation set to `attention`."""
+def with_attention(cfg: CATConfig, attention: str, **fields) -> CATConfig:
+    """`cfg` with every part's attention implementation set to `attention` (and `fields`)."""
     parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
+    fields["attention"] = attention
     return dataclasses.replace(
-        cfg, **{p: dataclasses.replace(getattr(cfg, p), attention=attention) for p in parts}
+        cfg, **{p: dataclasses.replace(getattr(cfg, p), **fields) for p in parts}
     )
 
 
