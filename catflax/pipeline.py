@@ -32,10 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from catflax import diffusion
 from catflax import images as image_io
+from catflax import sharding as sharding_lib
 from catflax.data import geometry
 from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.rngs import abstract_module
@@ -314,9 +316,16 @@ class CATPipeline:
         num_steps: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> np.ndarray:
         """(B,R,R,3) uint8 samples from model inputs (masked512, masked224, mask64, mask16,
-        input_ids; as `prepare` and the data pipeline make them), one seed per example."""
+        input_ids; as `prepare` and the data pipeline make them), one seed per example.
+
+        With `mesh` (a trainer's mesh over several processes, the model's parameters on it):
+        `batch` and `seeds` are this process's share of one global batch split over the mesh's
+        batch axes (every process the same count, a multiple of its devices along them), and
+        every process gets all the samples back, in process order."""
         s = self.sampling
         num_steps = s.num_steps if num_steps is None else int(num_steps)
         guidance_scale = s.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -328,10 +337,14 @@ class CATPipeline:
         inputs["input_ids"] = np.asarray(batch["input_ids"], np.int32)
         inputs["empty_ids"] = np.broadcast_to(self._empty_ids, inputs["input_ids"].shape)
         inputs["seeds"] = np.asarray(seeds, np.uint32)
+        if mesh is not None:
+            inputs = sharding_lib.global_batch(inputs, mesh)
         images = _generate(
             self.graphdef, self.state, inputs, np.float32(guidance_scale),
             num_steps=num_steps, eta=eta, guided=guidance_scale != 1.0,
         )  # fmt: skip
+        if mesh is not None:
+            return np.asarray(multihost_utils.process_allgather(images, tiled=True))
         return np.asarray(jax.device_get(images))
 
     def _tokenize(self, prompts: Sequence[str]) -> np.ndarray:

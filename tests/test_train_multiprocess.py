@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 
 from catflax.data import sources
 from tests.test_train_run import ROOT, TINY, env_for, flat, losses, steps
@@ -118,6 +119,15 @@ def test_two_processes_train_two_stages_and_agree(tmp_path):
     assert validation["step"] == 2 and validation["val_batches"] == 2
     seen = [re.findall(r"validation loss (\S+) over", err) for _, _, err in results]
     assert seen[0] == seen[1] == [f"{validation['val_loss']:.5g}"]
+
+    # The stage-end sample grid of the denoising stage: both processes sampled their share of
+    # one batch over the mesh; process 0 wrote the grid of all four (masked | mask | sample).
+    grid = np.asarray(Image.open(tmp_path / "run" / "1b" / "samples" / "2.png"))
+    R = grid.shape[1] // 3
+    assert grid.shape == (4 * R, 3 * R, 3) and R > 0
+    assert len({grid[i * R : (i + 1) * R, :R].tobytes() for i in range(4)}) == 4  # 4 examples
+    for _, _, err in results:
+        assert "sample grid skipped" not in err
 
     # The second stage started from the first one's inpainter (on both processes).
     for _, _, err in results:

@@ -243,7 +243,8 @@ def run_stage(
             at_end = step == scfg.steps and every >= 0
             if spec.step == "denoise" and (at_end or (every > 0 and step % every == 0)):
                 write_sample_grid(graphdef, state.params, frozen, config, writer, step,
-                                  os.path.join(stage_dir, "samples", f"{step}.png"))  # fmt: skip
+                                  os.path.join(stage_dir, "samples", f"{step}.png"),
+                                  mesh=mesh)  # fmt: skip
             if step < scfg.steps:
                 batch = data_iter.next_global(mesh)
         if pending is not None:

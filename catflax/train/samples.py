@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 
+from catflax.sharding import BATCH_AXES
 
-def sample_grid(model, config, num_images: int = 4, seed: int = 0) -> np.ndarray | None:
-    """DDIM samples for the first eval examples, as one (rows*R, 3*R, 3) uint8 grid."""
+
+def sample_grid(model, config, num_images: int = 4, seed: int = 0, mesh=None) -> np.ndarray | None:
+    """DDIM samples for the first eval examples, as one (rows*R, 3*R, 3) uint8 grid.
+
+    On several processes (`mesh`: the trainer's, which the model's parameters live on) each
+    process samples its first eval examples as its share of one global batch; the grid shows
+    the first `num_images` of all of them, in process order, on every process."""
     from catflax.data.feed import Feed
     from catflax.pipeline import CATPipeline
 
-    if jax.process_count() > 1:  # the pipeline samples host-locally; grids are single-host
-        logging.info("sample grid skipped: %d processes", jax.process_count())
-        return None
+    processes = jax.process_count()
+    per_process = num_images
+    if processes > 1:  # equal shares, each a multiple of the process's batch-axis devices
+        shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) // processes
+        per_process = shards * math.ceil(math.ceil(num_images / processes) / shards)
     feed = Feed.from_config(config, "eval")
-    batch = {k: np.asarray(v)[:num_images] for k, v in feed.next_local().items()}
+    batch = {k: np.asarray(v)[:per_process] for k, v in feed.next_local().items()}
+    if len(batch["input_ids"]) < per_process:
+        logging.warning("sample grid skipped: %d eval examples per process, %d needed",
+                        len(batch["input_ids"]), per_process)  # fmt: skip
+        return None
     pipe = CATPipeline.from_model(model, resolution=config.data.resolution,
                                   sampling=dict(config.sampling))  # fmt: skip
-    samples = pipe.sample(batch, [seed + i for i in range(len(batch["input_ids"]))])
+    first = jax.process_index() * per_process
+    seeds = [seed + first + i for i in range(per_process)]
+    samples = pipe.sample(batch, seeds, mesh=mesh if processes > 1 else None)
+    masked, mask = batch["masked512"], batch["mask64"]
+    if processes > 1:  # every process's examples, as the samples
+        masked, mask = (multihost_utils.process_allgather(x, tiled=True) for x in (masked, mask))
+    samples, masked, mask = samples[:num_images], masked[:num_images], mask[:num_images]
     R = samples.shape[1]
-    masked = np.clip((batch["masked512"] + 1) * 127.5, 0, 255).astype(np.uint8)
-    mask = batch["mask64"][..., 0] > 0.5
+    masked = np.clip((masked + 1) * 127.5, 0, 255).astype(np.uint8)
+    mask = mask[..., 0] > 0.5
     mask = np.repeat(np.repeat(mask, R // mask.shape[1], 1), R // mask.shape[2], 2)
     mask = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, -1)
     rows = [np.concatenate([m, k, s], axis=1) for m, k, s in zip(masked, mask, samples)]
     return np.concatenate(rows, axis=0)
 
 
-def write_sample_grid(graphdef, params, frozen, config, writer, step: int, path: str) -> None:
-    """Samples with the current parameters; to TensorBoard and `path` (process 0)."""
+def write_sample_grid(
+    graphdef, params, frozen, config, writer, step: int, path: str, mesh=None
+) -> None:
+    """Samples with the current parameters; to TensorBoard and `path` (process 0). Every
+    process calls it (on several, they sample together over `mesh`)."""
     model = nnx.merge(graphdef, params, frozen)
-    grid = sample_grid(model, config)
+    grid = sample_grid(model, config, mesh=mesh)
     if grid is None or jax.process_index() != 0:
         return
     writer.image(step, "samples", grid)
