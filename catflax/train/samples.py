@@ -31,14 +31,15 @@ def sample_grid(model, config, num_images: int = 4, seed: int = 0, mesh=None) ->
         per_process = shards * math.ceil(math.ceil(num_images / processes) / shards)
     feed = Feed.from_config(config, "eval")
     batch = {k: np.asarray(v)[:per_process] for k, v in feed.next_local().items()}
-    if len(batch["input_ids"]) < per_process:
+    count = len(batch["input_ids"])
+    if processes > 1 and count < per_process:  # (every process has the same count)
         logging.warning("sample grid skipped: %d eval examples per process, %d needed",
-                        len(batch["input_ids"]), per_process)  # fmt: skip
+                        count, per_process)  # fmt: skip
         return None
     pipe = CATPipeline.from_model(model, resolution=config.data.resolution,
                                   sampling=dict(config.sampling))  # fmt: skip
-    first = jax.process_index() * per_process
-    seeds = [seed + first + i for i in range(per_process)]
+    first = jax.process_index() * count
+    seeds = [seed + first + i for i in range(count)]
     samples = pipe.sample(batch, seeds, mesh=mesh if processes > 1 else None)
     masked, mask = batch["masked512"], batch["mask64"]
     if processes > 1:  # every process's examples, as the samples
