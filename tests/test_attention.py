@@ -258,10 +258,10 @@ def test_cudnn_training_step_lowers_for_cuda(stage, monkeypatch):
 
 def test_full_size_step_lowers_for_cuda(monkeypatch):
     """configs/coco.py's stage-2b step at 512 px (the H100 benchmark's), every part but the VAE
-    on cuDNN in bf16, lowered for CUDA from abstract arrays: on Hopper all 18 UNet attentions
-    of each kind (self, adapter, text: 4096x40, 1024x80, 256x160, 64x160 queries), both CLIP
-    towers and the inpainter use cuDNN. (Before Hopper the 160-wide heads fall back to 'xla':
-    test_cudnn_falls_back_to_xla_where_it_has_no_kernel.)"""
+    on cuDNN in bf16, lowered for CUDA from abstract arrays: on Hopper every UNet attention
+    (self, adapter, text; 5 blocks at each of 4096x40, 1024x80, 256x160 queries, the mid block
+    at 64x160), both CLIP towers and the inpainter use cuDNN. (Before Hopper the 160-wide heads
+    fall back to 'xla': test_cudnn_falls_back_to_xla_where_it_has_no_kernel.)"""
     from bench.aot_memory import abstract_step, load_config
     from catflax import sharding as sharding_lib
 

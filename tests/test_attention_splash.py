@@ -13,9 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from catflax import sharding
 from catflax.models import attention as attention_lib
 from catflax.models import layers, splash
-from catflax.models.cat import CATDiffusion
-from catflax.train.steps import create_state, jit_step
-from tests.test_train_steps import place, split_for, with_attention
+from tests.test_train_steps import sharded_step, split_for, with_attention
 from tests.tiny import TINY_CAT, random_batch
 
 
@@ -131,16 +129,10 @@ def test_sharded_training_step_lowers_for_tpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     cfg = with_attention(TINY_CAT, "splash")
     graphdef, trainable, frozen, tx, step_cfg = split_for("2b", cfg=cfg)
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    abstract = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
-    shardings = sharding.param_shardings(abstract, mesh)
-    trainable_sh, frozen_sh = place(trainable, shardings), place(frozen, shardings)
-    state = jax.jit(lambda p: create_state(p, tx, jax.random.key(1), ema=False))(trainable_sh)
-    batch = sharding.global_batch(random_batch(8), mesh)
-    step = jit_step(graphdef, tx, step_cfg, *(jax.tree.map(lambda x: x.sharding, tree)
-                                               for tree in (state, frozen_sh, batch)))  # fmt: skip
+    step, args, _ = sharded_step(cfg, graphdef, trainable, frozen, tx, step_cfg, random_batch(8))
+    mesh = args[0].step.sharding.mesh
     with jax.set_mesh(mesh):
-        lowered = step.trace(state, frozen_sh, batch).lower(lowering_platforms=("tpu",))
+        lowered = step.trace(*args).lower(lowering_platforms=("tpu",))
     hlo = lowered.as_text()
     kernels = collections.Counter(re.findall(r'kernel_name = "(\w+)"', hlo))
     for kind in ("splash_mha_fwd", "splash_mha_dkv", "splash_mha_dq"):

@@ -11,6 +11,7 @@ from flax import nnx
 
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
+from catflax.models.rngs import abstract_module
 from catflax.train import optim, stages
 from catflax.train.steps import (
     StepConfig,
@@ -49,6 +50,20 @@ def place(tree, shardings):
     return nnx.from_flat_state(flat)
 
 
+def sharded_step(cfg, graphdef, trainable, frozen, tx, step_cfg, batch):
+    """jit_step over a data x fsdp x tensor = 2 x 2 x 2 mesh, its arguments placed in their
+    shardings (state, frozen, global batch), and the parameter shardings."""
+    mesh = sharding_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    abstract = abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs))
+    shardings = sharding_lib.param_shardings(abstract, mesh)
+    trainable_sh, frozen_sh = place(trainable, shardings), place(frozen, shardings)
+    state = jax.jit(lambda p: create_state(p, tx, jax.random.key(1), ema=False))(trainable_sh)
+    global_batch = sharding_lib.global_batch(batch, mesh)
+    args = (state, frozen_sh, global_batch)
+    step = jit_step(graphdef, tx, step_cfg, *(jax.tree.map(lambda x: x.sharding, a) for a in args))
+    return step, args, shardings
+
+
 @pytest.mark.parametrize("stage, attention", [("1a", "xla"), ("2b", "xla"), ("2b", "chunked")])
 def test_sharded_step_equals_single_device(stage, attention):
     """("chunked": the custom-VJP attention in every part, under the mesh's shardings.)"""
@@ -63,18 +78,12 @@ def test_sharded_step_equals_single_device(stage, attention):
     state0 = create_state(trainable, tx, jax.random.key(1), ema=False)
     ref_state, ref_metrics = single(state0, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
 
-    mesh = sharding_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    abstract = nnx.eval_shape(lambda: CATDiffusion(cfg, rngs=nnx.Rngs(0)))
-    shardings = sharding_lib.param_shardings(abstract, mesh)
+    step, (state, frozen_sh, global_batch), shardings = sharded_step(
+        cfg, graphdef, trainable, frozen, tx, step_cfg, batch
+    )
     assert any(
         s.spec != jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in shardings.values()
     )
-    trainable_sh, frozen_sh = place(trainable, shardings), place(frozen, shardings)
-    state = jax.jit(lambda p: create_state(p, tx, jax.random.key(1), ema=False))(trainable_sh)
-    global_batch = sharding_lib.global_batch(batch, mesh)
-    step = jit_step(graphdef, tx, step_cfg, jax.tree.map(lambda x: x.sharding, state),
-                    jax.tree.map(lambda x: x.sharding, frozen_sh),
-                    jax.tree.map(lambda x: x.sharding, global_batch))  # fmt: skip
     new_state, metrics = step(state, frozen_sh, global_batch)
 
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
@@ -86,7 +95,7 @@ def test_adam_moments_and_ema_are_sharded_like_their_parameters():
     """The trainer's state: AdamW's mu and nu (and the EMA) in each parameter's sharding."""
     _, trainable, _, tx, _ = split_for("2b")
     mesh = sharding_lib.make_mesh(dict(data=2, fsdp=4, tensor=1))
-    abstract = nnx.eval_shape(lambda: CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: CATDiffusion(TINY_CAT, rngs=rngs))
     shardings = sharding_lib.param_shardings(abstract, mesh)
     params = place(trainable, shardings)
     state = create_sharded_state(params, tx, jax.random.key(0), True, shardings, mesh)
