@@ -4,7 +4,7 @@ r"""Export a training run's model for inference and for other code bases.
         [--format=catflax|reference|diffusers]
 
 Formats:
-- `catflax` (default): the CATPipeline directory (see catflax/pipeline.py), which
+- `catflax` (default): the CATPipeline directory (see catflax/weights/pipeline_format.py), which
   `CATPipeline.from_pretrained` and `python -m catflax.inpaint --weights=DIR` load with nothing
   else from the run.
 - `reference`: DIR/cat_diffusion.safetensors (or --out itself when it ends in .safetensors), one

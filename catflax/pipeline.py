@@ -1,26 +1,12 @@
-"""CATPipeline: image + mask + prompt -> inpainted image, from a catflax export directory or an
-official CAT-Diffusion checkpoint (SPEC.md §4 evaluation preprocessing, §6 sampling).
-
-A catflax export directory (written by `save_pretrained`, read by `from_pretrained`):
-
-    config.json               {"format": "catflax-pipeline", "format_version": 1,
-                               "model": {part: its config's fields, for clip_text,
-                                         clip_vision, vae, unet and inpainter},
-                               "resolution": 512, "clip_resolution": 224,
-                               "sampling": {"num_steps": 50, "guidance_scale": 7.5, "eta": 0.0}}
-    clip_text.safetensors     transformers CLIPTextModel names (text_model.*)
-    clip_vision.safetensors   transformers CLIPVisionModel names (vision_model.*)
-    vae.safetensors           diffusers AutoencoderKL names
-    unet.safetensors          diffusers UNet2DConditionModel names + ref_attn/ref_norm
-    inpainter.safetensors     the reference's fusion_model names, without the prefix
-    tokenizer/                a transformers CLIPTokenizer directory
+"""CATPipeline: image + mask + prompt -> inpainted image, from a catflax pipeline directory
+(`catflax.weights.pipeline_format`) or an official CAT-Diffusion checkpoint (SPEC.md §4
+evaluation preprocessing, §6 sampling).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import numbers
 import os
@@ -42,11 +28,9 @@ from catflax.data import geometry
 from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.rngs import abstract_module
 from catflax.tokenizer import load_tokenizer, tokenize
+from catflax.weights import io, pipeline_format
 
 log = logging.getLogger(__name__)
-FORMAT, FORMAT_VERSION = "catflax-pipeline", 1
-COMPONENTS = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
-_VISION_NAME = ("pre_layernorm", "pre_layrnorm")  # ours -> transformers' spelling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +40,6 @@ class SamplingConfig:
     num_steps: int = 50  # DDIM steps
     guidance_scale: float = 7.5  # classifier-free guidance; 1.0 = conditional branch only
     eta: float = 0.0  # 0 = deterministic DDIM
-
-
-def _component_rename(name: str):
-    """PyTorch-style name of our parameter names in the export files (None: unchanged)."""
-    if name == "clip_vision":
-        return lambda k: k.replace(*_VISION_NAME)
-    return None
-
-
-def _export_component(model: CATDiffusion, name: str) -> dict[str, np.ndarray]:
-    from catflax.weights import convert
-
-    if name == "inpainter":
-        return model.inpainter.state_dict(prefix="")
-    return convert.export_state_dict(getattr(model, name), _component_rename(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +160,6 @@ class CATPipeline:
         model), `clip_path` a transformers CLIP directory for the tokenizer and any CLIP tower the
         file lacks, `resolution` the image side (default 512); `.ckpt` needs allow_pickle.
         """
-        from catflax.weights import io
-
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
         over = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
@@ -200,40 +167,24 @@ class CATPipeline:
         if os.path.isdir(path):
             if config is not None:
                 raise ValueError(f"{path}: a catflax directory has its own config; drop `config`")
-            meta = _read_pipeline_config(path)
-            cfg = _with_overrides(CATConfig.from_dict(meta["model"]), over)
-            model = _load_directory(path, cfg)
+            meta = pipeline_format.read_config(path)
+            cfg = pipeline_format.with_overrides(CATConfig.from_dict(meta["model"]), over)
+            model = pipeline_format.load_directory(path, cfg)
             tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
             res = resolution or meta["resolution"]
             return cls(model, tokenizer, resolution=res, sampling=meta.get("sampling"))
         if config is not None and not isinstance(config, CATConfig):
             config = CATConfig.from_dict(config)
-        cfg = _with_overrides(config or CATConfig(), over)
+        cfg = pipeline_format.with_overrides(config or CATConfig(), over)
         state = io.read_state_dict(path, allow_pickle=allow_pickle)
         model = _load_checkpoint(path, state, cfg, clip_path, over)
         tokenizer = load_tokenizer(_tokenizer_dir(clip_path))
         return cls(model, tokenizer, resolution=resolution or 512)
 
     def save_pretrained(self, path: str) -> None:
-        """Writes the catflax export directory (see the module docstring)."""
-        from catflax.weights import io
-
-        os.makedirs(path, exist_ok=True)
-        for name in COMPONENTS:
-            tensors = _export_component(self.model, name)
-            io.write_safetensors(os.path.join(path, f"{name}.safetensors"), tensors)
-        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        cfg = self.model.config
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": {name: dataclasses.asdict(getattr(cfg, name)) for name in COMPONENTS},
-            "resolution": self.resolution,
-            "clip_resolution": cfg.clip_vision.image_size,
-            "sampling": dataclasses.asdict(self.sampling),
-        }
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        """Writes a catflax pipeline directory (`catflax.weights.pipeline_format`)."""
+        sampling = dataclasses.asdict(self.sampling)
+        pipeline_format.write_directory(path, self.model, self.tokenizer, self.resolution, sampling)
 
     # ------------------------------------------------------------------ inference
     def __call__(
@@ -362,54 +313,6 @@ def _broadcast(x, n: int, what: str) -> list:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-
-
-def _with_overrides(cfg: CATConfig, over: Mapping[str, str]) -> CATConfig:
-    return CATConfig(**{n: dataclasses.replace(getattr(cfg, n), **over) for n in COMPONENTS})
-
-
-def _read_pipeline_config(path: str) -> dict[str, Any]:
-    from catflax.weights import io
-
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise io.WeightFileError(
-            f"{path}: not a catflax pipeline directory (no config.json); for an official "
-            "CAT-Diffusion checkpoint pass the checkpoint file itself"
-        )
-    meta = io.read_json(config_path)
-    if meta.get("format") != FORMAT:
-        raise io.WeightFileError(
-            f"{config_path}: not a catflax pipeline config (format {meta.get('format')!r}, "
-            f"expected {FORMAT!r})"
-        )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise io.WeightFileError(
-            f"{config_path}: format_version {meta['format_version']} is newer than this catflax "
-            f"reads ({FORMAT_VERSION})"
-        )
-    return meta
-
-
-def _load_directory(path: str, cfg: CATConfig) -> CATDiffusion:
-    from catflax.weights import convert, io
-
-    model = abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs))
-    for name in COMPONENTS:
-        file = os.path.join(path, f"{name}.safetensors")
-        if not os.path.isfile(file):
-            raise io.WeightFileError(f"{file}: missing from the catflax pipeline directory")
-        state = io.read_safetensors(file)
-        if name == "inpainter":
-            part = type(model.inpainter).from_state_dict(
-                state, cfg.inpainter, prefix="", source_name=file
-            )
-        else:
-            abstract = getattr(model, name)
-            rename = _component_rename(name)
-            part, _ = convert.load_state_dict(abstract, state, source_name=file, rename=rename)
-        setattr(model, name, part)
-    return model
 
 
 def _load_checkpoint(path: str, state, cfg: CATConfig, clip_path: str | None, over) -> CATDiffusion:

@@ -16,7 +16,7 @@ from catflax import CATPipeline, inpaint
 from catflax import pipeline as pipeline_lib
 from catflax.images import ImageReadError, InpaintWarning, paste_back
 from catflax.models.cat import CATDiffusion
-from catflax.weights import convert, io, ldm
+from catflax.weights import convert, io, ldm, pipeline_format
 from tests.tiny import TINY_CAT
 
 # The tiny model with the real CLIP vocabulary, so prompts go through the real tokenizer.
@@ -67,7 +67,7 @@ def saved(pipe, tmp_path_factory):
 
 def test_save_load_round_trip_is_bit_identical(pipe, saved):
     names = sorted(os.listdir(saved))
-    expected = [f"{c}.safetensors" for c in pipeline_lib.COMPONENTS]
+    expected = [f"{c}.safetensors" for c in pipeline_format.COMPONENTS]
     assert names == sorted(["config.json", "tokenizer", *expected])
     with open(os.path.join(saved, "config.json")) as f:
         meta = json.load(f)
@@ -280,7 +280,7 @@ def test_official_checkpoint_loads_like_the_directory(pipe, tmp_path):
     image, mask = example(37, 29, seed=11)
     kw = dict(num_steps=STEPS, guidance_scale=7.5, seed=2)  # the checkpoint has no defaults
     expected = np.asarray(pipe(image, mask, "a red ball", **kw))
-    cfg = {n: dataclasses.asdict(getattr(CFG, n)) for n in pipeline_lib.COMPONENTS}
+    cfg = {n: dataclasses.asdict(getattr(CFG, n)) for n in pipeline_format.COMPONENTS}
 
     path = str(tmp_path / "cat.safetensors")
     io.write_safetensors(path, cat_checkpoint(pipe.model))
