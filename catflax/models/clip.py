@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from catflax.models.attention import dot_product_attention
-from catflax.models.layers import activation, remat, remat_mode
+from catflax.models.layers import activation, remat, remat_mode, torch_linear
 from catflax.models.rngs import abstract_module
 
 
@@ -117,14 +117,15 @@ def _dtypes(cfg) -> dict[str, Any]:
 
 
 class CLIPAttention(nnx.Module):
-    """Multi-head self-attention with biased q/k/v/out projections."""
+    """Multi-head self-attention with biased q/k/v/out projections (initialised like PyTorch's
+    nn.Linear, as the reference's semantic inpainter; the CLIP towers are always loaded)."""
 
     def __init__(self, width: int, num_heads: int, attention: str, *, rngs: nnx.Rngs, **dt):
         self.num_heads, self.attention = num_heads, attention
-        self.q_proj = nnx.Linear(width, width, rngs=rngs, **dt)
-        self.k_proj = nnx.Linear(width, width, rngs=rngs, **dt)
-        self.v_proj = nnx.Linear(width, width, rngs=rngs, **dt)
-        self.out_proj = nnx.Linear(width, width, rngs=rngs, **dt)
+        self.q_proj = torch_linear(width, width, rngs=rngs, **dt)
+        self.k_proj = torch_linear(width, width, rngs=rngs, **dt)
+        self.v_proj = torch_linear(width, width, rngs=rngs, **dt)
+        self.out_proj = torch_linear(width, width, rngs=rngs, **dt)
 
     def __call__(self, x_BLD: jax.Array, mask=None, is_causal: bool = False) -> jax.Array:
         B, L, D = x_BLD.shape
@@ -141,10 +142,12 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPMLP(nnx.Module):
+    """fc1 -> activation -> fc2 (PyTorch's nn.Linear initialisation)."""
+
     def __init__(self, width: int, hidden: int, act: str, *, rngs: nnx.Rngs, **dt):
         self.act = activation(act)
-        self.fc1 = nnx.Linear(width, hidden, rngs=rngs, **dt)
-        self.fc2 = nnx.Linear(hidden, width, rngs=rngs, **dt)
+        self.fc1 = torch_linear(width, hidden, rngs=rngs, **dt)
+        self.fc2 = torch_linear(hidden, width, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.act(self.fc1(x)))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from catflax.models.clip import CLIPEncoder
-from catflax.models.layers import activation
+from catflax.models.layers import activation, torch_linear
 from catflax.models.rngs import abstract_module
 
 CHECKPOINT_PREFIX = "fusion_model."  # where the official CAT-Diffusion checkpoint keeps it
@@ -62,10 +62,11 @@ def _dtypes(cfg: InpainterConfig) -> dict[str, Any]:
 
 
 class InpainterEmbeddings(nnx.Module):
-    """patch tokens + position embedding + embedding of the patch's mask bit."""
+    """patch tokens + position embedding + embedding of the patch's mask bit (both tables
+    initialised N(0, 1), as PyTorch's nn.Embedding in the reference)."""
 
     def __init__(self, cfg: InpainterConfig, *, rngs: nnx.Rngs):
-        dt = _dtypes(cfg)
+        dt = dict(_dtypes(cfg), embedding_init=nnx.initializers.normal(1.0))
         self.position_embedding = nnx.Embed(cfg.num_patches, cfg.hidden_size, rngs=rngs, **dt)
         self.mask_embedding = nnx.Embed(2, cfg.hidden_size, rngs=rngs, **dt)
 
@@ -75,12 +76,13 @@ class InpainterEmbeddings(nnx.Module):
 
 
 class InpainterMLP(nnx.Module):
-    """fc1 -> activation -> fc2, with its own input and output widths."""
+    """fc1 -> activation -> fc2, with its own input and output widths (PyTorch's nn.Linear
+    initialisation)."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int, act: str, *, rngs: nnx.Rngs, **dt):
         self.act = activation(act)
-        self.fc1 = nnx.Linear(d_in, hidden, rngs=rngs, **dt)
-        self.fc2 = nnx.Linear(hidden, d_out, rngs=rngs, **dt)
+        self.fc1 = torch_linear(d_in, hidden, rngs=rngs, **dt)
+        self.fc2 = torch_linear(hidden, d_out, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.act(self.fc1(x)))

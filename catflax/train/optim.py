@@ -23,7 +23,7 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    grad_clip_norm: float = 1.0  # 0 disables clipping
+    grad_clip_norm: float = 0.0  # global-norm clipping; 0: off (the reference does not clip)
     reduce_on_plateau: bool = False  # scale every update by PlateauState.scale (stage 1a)
 
 
@@ -51,8 +51,9 @@ def param_labels(params: nnx.State) -> nnx.State:
 
 
 def make_optimizer(cfg: OptimizerConfig, params: nnx.State) -> optax.GradientTransformation:
-    """AdamW per group (fast/slow), after global-norm clipping; groups from parameter paths;
-    with `reduce_on_plateau`, every update (AdamW's weight decay included) is then scaled."""
+    """AdamW per group (fast/slow; groups from parameter paths), after global-norm clipping if
+    grad_clip_norm > 0; with `reduce_on_plateau`, every update (AdamW's weight decay included)
+    is then scaled."""
 
     def adamw(lr):
         return optax.adamw(
