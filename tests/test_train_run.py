@@ -133,7 +133,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     result = run_main(tmp_path, *steps(20, ("1a",)), *blow_up, "--config.train.checkpoint_every=1")
     assert result.returncode != 0
     assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
-    bad_step = int(re.search(r"loss is \S+ at step (\d+)", result.stderr).group(1))
+    bad_step = int(re.search(r"(?:loss|grad_norm) is \S+ at step (\d+)", result.stderr).group(1))
     saved = sorted(int(d) for d in os.listdir(tmp_path / "1a" / "checkpoints") if d.isdigit())
     assert saved and max(saved) == bad_step - 1
     assert not os.path.isdir(tmp_path / "1a" / "final")
@@ -154,3 +154,21 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     saved = [int(d) for d in os.listdir(tmp_path / "1a" / "checkpoints") if d.isdigit()]
     assert saved and 0 < max(saved) < 100000
     assert "SIGTERM" in err
+
+
+def test_resume_after_an_interrupted_final_save(tmp_path):
+    """Killed while saving a stage's final parameters (after its last checkpoint): the stage is
+    not taken as finished; the rerun restores the last step's checkpoint and saves them again."""
+    args = steps(2, ("1a",))
+    first = run_main(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = dict(flat(final_params(tmp_path, "1a")))
+    final = tmp_path / "1a" / "final"
+    os.rename(final / "params", final / "params.orbax-checkpoint-tmp-1700000000")  # uncommitted
+    again = run_main(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage 1a done: process 0, resumed at its last step" in again.stdout
+    got = dict(flat(final_params(tmp_path, "1a")))
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)

@@ -1,7 +1,7 @@
 """The stage loop: build the model into its shardings, resume, train, checkpoint, hand over.
 
-Resume order (each stage lives in WORKDIR/<stage>/):
-  1. WORKDIR/<stage>/final exists        -> the stage is done; skip it.
+Resume order (each stage lives in WORKDIR/<stage>/; WORKDIR local or gs://):
+  1. WORKDIR/<stage>/final/params committed -> the stage is done; skip it.
   2. WORKDIR/<stage>/checkpoints has one -> restore state, data iterator and step; continue.
   3. otherwise                           -> start: pretrained weights (config.weights), then the
                                             final parameters of every earlier stage (the merge).
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from catflax import sharding as sharding_lib
@@ -84,8 +85,22 @@ def load_pretrained(config, params: nnx.State, shardings) -> list[str]:
     return pretrained.load_into(params, shardings, config)
 
 
-def final_dir(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage, "final")
+def run_path(workdir: str, *parts: str) -> epath.Path:
+    """A path inside the run directory: a local one made absolute (orbax wants that), a URL
+    such as gs://BUCKET/DIR kept as it is."""
+    path = epath.Path(workdir, *parts)
+    return path if "://" in str(workdir) else path.resolve()
+
+
+def final_dir(workdir: str, stage: str) -> epath.Path:
+    return run_path(workdir, stage, "final")
+
+
+def stage_finished(workdir: str, stage: str) -> bool:
+    """Whether the stage's final parameters were saved completely (an interrupted save leaves
+    an uncommitted orbax directory, which does not count)."""
+    params = final_dir(workdir, stage) / "params"
+    return params.exists() and ocp.path.step.is_path_finalized(params)
 
 
 def merge_earlier_stages(workdir: str, stage: str, params: nnx.State) -> list[str]:
@@ -94,7 +109,7 @@ def merge_earlier_stages(workdir: str, stage: str, params: nnx.State) -> list[st
     taken = []
     for part in ("inpainter", "unet"):
         for earlier in reversed(order[: order.index(stage)]):
-            if part in stages.STAGES[earlier].trains and os.path.isdir(final_dir(workdir, earlier)):
+            if part in stages.STAGES[earlier].trains and stage_finished(workdir, earlier):
                 restored = _restore_final(workdir, earlier, params)
                 if part in restored:
                     params[part] = restored[part]
@@ -110,15 +125,13 @@ def _restore_final(workdir: str, stage: str, like: nnx.State) -> nnx.State:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
     )
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(
-            os.path.abspath(os.path.join(final_dir(workdir, stage), "params")), abstract
-        )
+        return ckptr.restore(final_dir(workdir, stage) / "params", abstract)
 
 
 def save_final(workdir: str, stage: str, params: nnx.State) -> None:
-    path = os.path.abspath(os.path.join(final_dir(workdir, stage), "params"))
+    path = final_dir(workdir, stage) / "params"
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, params)
+        ckptr.save(path, params, force=True)  # force: over an interrupted (uncommitted) save
         ckptr.wait_until_finished()
 
 
@@ -164,8 +177,8 @@ def run_stage(
             f"stage_{stage}.plateau_every={plateau_every}: reduce-on-plateau needs the validation "
             "loss of stage 1a (distillation)" + ("" if eval_factory else " and a validation feed")
         )
-    stage_dir = os.path.join(workdir, stage)
-    if os.path.isdir(final_dir(workdir, stage)):
+    stage_dir = run_path(workdir, stage)
+    if stage_finished(workdir, stage):
         logging.info("stage %s already finished; skipping", stage)
         return StageResult(stage, 0, [], skipped=True)
 
@@ -187,13 +200,17 @@ def run_stage(
 
     # ---------------------------------------------------------------- data and resume
     data_iter = data_factory(stage)
-    ckpt = Checkpointer(os.path.join(os.path.abspath(stage_dir), "checkpoints"),
-                        keep=config.train.keep_checkpoints)  # fmt: skip
+    ckpt = Checkpointer(stage_dir / "checkpoints", keep=config.train.keep_checkpoints)
     start_step, restored = ckpt.restore(state, data_iter.checkpointable())
     if restored is not None:
         state = restored
         logging.info("stage %s: resumed at step %d", stage, start_step)
     start_step = start_step or 0
+    if start_step >= scfg.steps:  # stopped after its last checkpoint, before the final save
+        ckpt.close()
+        save_final(workdir, stage, _handed_over(state, config))
+        logging.info("stage %s: last step's checkpoint restored; final parameters saved", stage)
+        return StageResult(stage, 0, [])
 
     # ---------------------------------------------------------------- compile
     batch = data_iter.next_global(mesh)
@@ -208,7 +225,7 @@ def run_stage(
     validation = jit_validation(graphdef, step_cfg) if plateau_every else None
 
     # ---------------------------------------------------------------- loop
-    writer = MetricWriter(os.path.join(stage_dir, "tensorboard"), scfg.steps, stage)
+    writer = MetricWriter(stage_dir / "tensorboard", scfg.steps, stage, first_step=start_step)
     stop = _PreemptionFlag()
     losses: list[float] = []
     pending = None  # (step, metrics) fetched one step late
@@ -243,7 +260,7 @@ def run_stage(
             at_end = step == scfg.steps and every >= 0
             if spec.step == "denoise" and (at_end or (every > 0 and step % every == 0)):
                 write_sample_grid(graphdef, state.params, frozen, config, writer, step,
-                                  os.path.join(stage_dir, "samples", f"{step}.png"),
+                                  stage_dir / "samples" / f"{step}.png",
                                   mesh=mesh)  # fmt: skip
             if step < scfg.steps:
                 batch = data_iter.next_global(mesh)
@@ -254,20 +271,28 @@ def run_stage(
         raise
     ckpt.wait()
     ckpt.close()
-    final = state.params if state.ema is None or not config.train.export_ema else state.ema
-    save_final(workdir, stage, final)
+    save_final(workdir, stage, _handed_over(state, config))
     writer.close()
     stop.restore()
     return StageResult(stage, step - start_step, losses)
 
 
+def _handed_over(state, config) -> nnx.State:
+    """What the next stage and the export get: the parameters, or their EMA if so configured."""
+    return state.params if state.ema is None or not config.train.export_ema else state.ema
+
+
 def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[float]:
     step, metrics, skipped = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
-        raise NonFiniteLossError(
-            f"loss is {values['loss']} at step {step}; stopping (the last good checkpoint is kept)"
-        )
+    # The loss comes from the parameters before the step's update, the gradient norm from the
+    # update itself: a finite loss with a non-finite gradient still spoils this step's state.
+    for name in ("loss", "grad_norm"):
+        if name in values and not np.isfinite(values[name]):
+            raise NonFiniteLossError(
+                f"{name} is {values[name]} at step {step}; stopping before that step's "
+                "checkpoint (the last good checkpoint is kept)"
+            )
     dt = max(time.time() - since, 1e-9)
     scale = values.get("lr_scale", 1.0)  # reduce-on-plateau's factor
     values.update(

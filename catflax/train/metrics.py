@@ -5,40 +5,71 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class MetricWriter:
     """Scalars and images to TensorBoard (tensorboardX) plus a console line with ETA."""
 
-    def __init__(self, logdir: str, total_steps: int, stage: str):
+    def __init__(self, logdir: str | os.PathLike, total_steps: int, stage: str, first_step=0):
+        """`logdir` local or a URL (gs://); ETAs count from `first_step` (where a run resumed)."""
         self.enabled = jax.process_index() == 0
-        self.total_steps, self.stage = total_steps, stage
+        self.total_steps, self.stage, self.first_step = total_steps, stage, first_step
         self.start = time.time()
         self.writer = None
-        self.stage_dir = os.path.dirname(logdir.rstrip("/"))  # where the .jsonl records go
+        self.logdir = epath.Path(logdir)
+        self.stage_dir = self.logdir.parent  # where the .jsonl records go
+        # Object stores (gs://) cannot append: there the records are kept and rewritten, and
+        # TensorBoard writes to a local folder whose files are copied over, at every console
+        # line and at close.
+        self._remote = "://" in str(logdir)
+        self._records: dict[str, list[str]] = {}
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(logdir)
+            local = tempfile.mkdtemp(prefix="catflax-tb-") if self._remote else str(logdir)
+            self.writer = SummaryWriter(local)
 
     def record(self, step: int, values: Mapping[str, float], name: str = "metrics") -> None:
         """Appends a line to <stage>/<name>.jsonl: metrics.jsonl has one per step (the raw
         curve, for reports), validation.jsonl one per validation."""
-        if self.enabled:
-            with open(os.path.join(self.stage_dir, f"{name}.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps({"step": step, **values}) + "\n"
+        path = self.stage_dir / f"{name}.jsonl"
+        if not self._remote:
+            with path.open("a") as f:
+                f.write(line)
+            return
+        if name not in self._records:  # a resumed run: what the earlier run wrote comes first
+            self._records[name] = [path.read_text()] if path.exists() else []
+        self._records[name].append(line)
 
-    def scalars(self, step: int, values: Mapping[str, float], first_step: int = 0) -> None:
+    def flush(self) -> None:
+        """Copies what a remote run directory has not got yet (nothing for a local one)."""
+        if not (self._remote and self.enabled):
+            return
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        for name, lines in self._records.items():
+            (self.stage_dir / f"{name}.jsonl").write_text("".join(lines))
+        self.writer.flush()
+        local = epath.Path(self.writer.logdir)
+        for event_file in local.iterdir():
+            (self.logdir / event_file.name).write_bytes(event_file.read_bytes())
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, float(value), step)
-        done = step - first_step
+        self.flush()
+        done = step - self.first_step
         elapsed = time.time() - self.start
         eta = elapsed / max(done, 1) * (self.total_steps - step)
         shown = "  ".join(
@@ -56,6 +87,7 @@ class MetricWriter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.flush()
 
 
 def _bar(fraction: float, width: int = 20) -> str:

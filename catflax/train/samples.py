@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -55,7 +56,7 @@ def sample_grid(model, config, num_images: int = 4, seed: int = 0, mesh=None) ->
 
 
 def write_sample_grid(
-    graphdef, params, frozen, config, writer, step: int, path: str, mesh=None
+    graphdef, params, frozen, config, writer, step: int, path: str | os.PathLike, mesh=None
 ) -> None:
     """Samples with the current parameters; to TensorBoard and `path` (process 0). Every
     process calls it (on several, they sample together over `mesh`)."""
@@ -64,5 +65,12 @@ def write_sample_grid(
     if grid is None or jax.process_index() != 0:
         return
     writer.image(step, "samples", grid)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    save_png(path, grid)
+
+
+def save_png(path: str | os.PathLike, image_HWC: np.ndarray) -> None:
+    """Writes a uint8 image as PNG to a local path or a URL (gs://), making its folder."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        Image.fromarray(image_HWC).save(f, format="PNG")

@@ -1,0 +1,107 @@
+"""The run directory: local or on an object store (gs://), what counts as a finished stage, and
+what stops a run (non-finite loss or gradient).
+
+Object stores are stood in for by a local folder registered with fsspec under the gs/gcs
+protocols (what etils.epath uses for gs:// without TensorFlow, gcsfs in production). Orbax's
+array data goes through TensorStore's own GCS driver, which this cannot stand in for.
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from catflax.train import loop
+from catflax.train.metrics import MetricWriter
+from catflax.train.samples import save_png
+
+
+class FakeGCS(LocalFileSystem):
+    """gs://BUCKET/PATH -> ROOT/BUCKET/PATH on the local disk."""
+
+    root = "/nonexistent"
+    protocol = ("gs", "gcs")
+
+    def __init__(self, *args, finalize_on_close=False, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = os.fspath(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                return os.path.join(cls.root, path[len(prefix) :]).rstrip("/")
+        return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setattr(FakeGCS, "root", str(tmp_path / "gcs"))
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    return tmp_path / "gcs"
+
+
+def test_run_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+    assert str(loop.run_path("gs://bucket/runs/a", "1a", "final")) == "gs://bucket/runs/a/1a/final"
+    monkeypatch.chdir(tmp_path)
+    assert str(loop.run_path("runs/a", "1a")) == str(tmp_path / "runs" / "a" / "1a")
+
+
+def test_metrics_and_images_reach_an_object_store(fake_gcs, capsys):
+    stage_dir = "gs://bucket/run/1a"
+    writer = MetricWriter(f"{stage_dir}/tensorboard", total_steps=10, stage="1a")
+    for step in (1, 2, 3):
+        writer.record(step, {"loss": 1.0 / step})
+    writer.scalars(3, {"loss": 1 / 3})
+    on_store = fake_gcs / "bucket" / "run" / "1a"
+    lines = (on_store / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    events = list((on_store / "tensorboard").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+    writer.close()
+
+    # A resumed run keeps what the first one wrote; its ETA counts only its own steps.
+    resumed = MetricWriter(f"{stage_dir}/tensorboard", total_steps=10, stage="1a", first_step=3)
+    resumed.record(4, {"loss": 0.25})
+    resumed.start -= 10.0  # 10 s for its one step -> 6 steps left take 60 s
+    resumed.scalars(4, {"loss": 0.25})
+    assert "eta 60s" in capsys.readouterr().out
+    resumed.close()
+    steps = [json.loads(x)["step"] for x in (on_store / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    grid = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    save_png(f"{stage_dir}/samples/3.png", grid)
+    np.testing.assert_array_equal(np.asarray(Image.open(on_store / "samples" / "3.png")), grid)
+
+
+def test_a_stage_counts_as_finished_only_once_its_final_save_committed(tmp_path):
+    workdir = str(tmp_path)
+    params = nnx.State({"inpainter": {"w": jnp.arange(6.0).reshape(2, 3)}})
+    assert not loop.stage_finished(workdir, "1a")
+    loop.save_final(workdir, "1a", params)
+    assert loop.stage_finished(workdir, "1a")
+    # An interrupted save (killed mid-write) leaves orbax's uncommitted temporary folder.
+    final = tmp_path / "1a" / "final"
+    os.rename(final / "params", final / "params.orbax-checkpoint-tmp-1234567")
+    assert os.path.isdir(final) and not loop.stage_finished(workdir, "1a")
+    loop.save_final(workdir, "1a", params)  # the rerun saves again
+    assert loop.stage_finished(workdir, "1a")
+    restored = loop._restore_final(workdir, "1a", params)
+    np.testing.assert_array_equal(restored["inpainter"]["w"], params["inpainter"]["w"])
+
+
+@pytest.mark.parametrize("metric", ["loss", "grad_norm"])
+def test_a_non_finite_loss_or_gradient_stops_with_the_step(metric):
+    metrics = {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(2.0)}
+    metrics[metric] = jnp.float32(jnp.nan if metric == "loss" else jnp.inf)
+    with pytest.raises(loop.NonFiniteLossError, match=f"{metric} is (nan|inf) at step 7"):
+        loop._report((7, metrics, 0), None, None, None, 16, 0.0, 0.0)
