@@ -60,20 +60,22 @@ class ExportError(ValueError):
 def finished_stages(workdir: str) -> list[str]:
     from catflax.train import loop, stages
 
-    return [s for s in stages.STAGE_ORDER if os.path.isdir(loop.final_dir(workdir, s))]
+    return [s for s in stages.STAGE_ORDER if loop.stage_finished(workdir, s)]
 
 
 def _checkpoint_config(workdir: str, stage: str):
     """The config saved with a stage's latest checkpoint, or None."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.join(os.path.abspath(workdir), stage, "checkpoints")
-    if not os.path.isdir(directory):
+    from catflax.train import loop
+
+    directory = loop.run_path(workdir, stage, "checkpoints")
+    if not directory.is_dir():
         return None
     options = ocp.CheckpointManagerOptions(read_only=True)
     with ocp.CheckpointManager(directory, options=options) as manager:
         step = manager.latest_step()
-        if step is None or not os.path.isdir(os.path.join(directory, str(step), "config")):
+        if step is None or not (directory / str(step) / "config").is_dir():
             return None
         args = ocp.args.Composite(config=ocp.args.JsonRestore())
         return manager.restore(step, args=args)["config"]
@@ -84,12 +86,12 @@ def read_run_config(workdir: str, stage: str | None = None):
     any stage's last checkpoint."""
     import ml_collections
 
-    from catflax.train import stages
+    from catflax.train import loop, stages
     from catflax.weights import io
 
     found = _checkpoint_config(workdir, stage) if stage else None
-    path = os.path.join(workdir, RUN_CONFIG)
-    if found is None and os.path.isfile(path):
+    path = loop.run_path(workdir, RUN_CONFIG)
+    if found is None and path.is_file():
         found = io.read_json(path)
     for other in reversed(stages.STAGE_ORDER):
         if found is None:
@@ -149,11 +151,13 @@ def _restore_checkpoint_item(workdir: str, stage: str, like, item: str, steps: i
     """`item` ("params" or "ema") of the train state in the stage's last checkpoint."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.join(os.path.abspath(workdir), stage, "checkpoints")
+    from catflax.train import loop
+
+    directory = loop.run_path(workdir, stage, "checkpoints")
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True)
     ) as manager:
-        step = manager.latest_step() if os.path.isdir(directory) else None
+        step = manager.latest_step() if directory.is_dir() else None
     if step != steps:
         raise ExportError(
             f"{directory}: the last checkpoint is {'missing' if step is None else f'step {step}'}"
@@ -167,7 +171,7 @@ def _restore_checkpoint_item(workdir: str, stage: str, like, item: str, steps: i
         partial_restore=True,
     )
     with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(directory, str(step), "state"), args=args)[item]
+        return ckptr.restore(directory / str(step) / "state", args=args)[item]
 
 
 def _stage_parts(workdir: str, stage: str, target: str, params, config, ema: bool):
@@ -188,7 +192,7 @@ def load_run(workdir: str, stage: str | None = None, *, ema: bool = False, mesh=
     from catflax.train import loop, stages
 
     done = finished_stages(workdir)
-    if not os.path.isdir(workdir):
+    if not loop.run_path(workdir).is_dir():
         raise ExportError(f"{workdir}: no such run directory")
     stage = stage or (done[-1] if done else None)
     if stage is None:

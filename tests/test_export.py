@@ -10,6 +10,7 @@ running the four stages would take minutes of compilation on 2 CPU cores.
 import dataclasses
 import json
 import os
+import shutil
 
 import diffusers
 import jax
@@ -315,7 +316,7 @@ def test_export_errors_are_clear(run, tmp_path, capsys):
     assert "missing --out" in capsys.readouterr().err
     # A stage that has not finished, and --ema for a run without EMA.
     partial = tmp_path / "partial"
-    os.makedirs(partial / "1a" / "final")
+    shutil.copytree(os.path.join(workdir, "1a", "final"), partial / "1a" / "final")
     no_ema = config.copy_and_resolve_references()
     no_ema.train.ema_decay = 0.0
     (partial / "config.json").write_text(no_ema.to_json_best_effort())
@@ -326,5 +327,5 @@ def test_export_errors_are_clear(run, tmp_path, capsys):
     with pytest.raises(export.ExportError, match="trained without EMA"):
         export.load_run(str(partial), "1a", ema=True)
     with pytest.raises(export.ExportError, match="no run config"):
-        os.makedirs(tmp_path / "empty" / "1a" / "final")
+        shutil.copytree(partial / "1a" / "final", tmp_path / "empty" / "1a" / "final")
         export.load_run(str(tmp_path / "empty"))

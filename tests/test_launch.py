@@ -162,7 +162,7 @@ def test_setup_copies_this_tree(tmp_path):
         "mkdir catflax",
         "tar -xzf catflax-src.tar.gz -C catflax",
     ]
-    install = f'-r requirements.txt "jax[tpu]=={JAX_VERSION}" -e .'
+    install = f'-r requirements.txt -r requirements-gcs.txt "jax[tpu]=={JAX_VERSION}" -e .'
     assert f"~/.local/bin/uv pip install --quiet --python ~/catflax-venv/bin/python {install}" in (
         steps
     )
@@ -303,6 +303,7 @@ def test_gpu_one_host(tmp_path):
         ["python3", "-m", "venv", venv],
         [
             *[f"{venv}/bin/pip", "install", "--quiet", "-r", "requirements.txt"],
+            *["-r", "requirements-gcs.txt"],
             *[f"jax[cuda12]=={JAX_VERSION}", "-e", "."],
         ],
         ["export", "CUDA_VISIBLE_DEVICES=0,1"],

@@ -140,12 +140,14 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
     return state
 
 
-def read_json(path: str) -> dict:
-    """Reads a JSON file with an error that names it."""
-    if not os.path.isfile(path):
+def read_json(path: str | os.PathLike) -> dict:
+    """Reads a JSON file (local or a URL such as gs://) with an error that names it."""
+    from etils import epath
+
+    file = epath.Path(path)
+    if not file.is_file():
         raise WeightFileError(f"{path}: config file not found")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise WeightFileError(f"{path}: invalid JSON ({e})") from e
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightFileError(f"{path}: invalid JSON ({e})") from e

@@ -12,8 +12,8 @@ Usage: launch/gpu/run_local.sh --config CONFIG --workdir DIR [--setup] [options]
 
 Runs 'python -m catflax.main --config=CONFIG --workdir=DIR [ARGS]' in one process that sees every
 GPU of this host (select some with --gpus), with the XLA settings of launch/gpu/xla_flags.sh.
---setup first makes the virtual environment: requirements.txt, jax[cuda12] of the pinned jax
-version and the project (-e .). Python 3.11 or newer is needed.
+--setup first makes the virtual environment: requirements.txt, requirements-gcs.txt (gs:// paths),
+jax[cuda12] of the pinned jax version and the project (-e .). Python 3.11 or newer is needed.
 
   --config CONFIG      config file, e.g. configs/coco.py
   --workdir DIR        local directory or gs:// path for checkpoints and logs
@@ -43,7 +43,7 @@ check_main_args
 cd "$CATFLAX_ROOT"
 if ((OPT_setup || OPT_setup_only)); then
   run "$OPT_python" -m venv "$OPT_venv"
-  run "$OPT_venv/bin/pip" install --quiet -r requirements.txt \
+  run "$OPT_venv/bin/pip" install --quiet -r requirements.txt -r requirements-gcs.txt \
     "jax[cuda$OPT_cuda]==$(pinned_version jax)" -e .
 fi
 ((!OPT_setup_only)) || exit 0

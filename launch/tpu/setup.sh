@@ -10,8 +10,9 @@ Usage: launch/tpu/setup.sh --name NAME --zone ZONE [--repo URL [--ref REF]]
 
 Puts the project in ~/$REMOTE_SRC on every worker (by default a copy of this working tree, less
 .git and virtual environments; with --repo a git clone), makes ~/$REMOTE_VENV with Python
-$PYTHON_VERSION (uv $UV_VERSION fetches it) and installs requirements.txt, jax[tpu] of the version
-requirements.txt pins, and the project itself (-e .). Safe to run again after code changes.
+$PYTHON_VERSION (uv $UV_VERSION fetches it) and installs requirements.txt, requirements-gcs.txt
+(gs:// support), jax[tpu] of the version requirements.txt pins, and the project itself (-e .).
+Safe to run again after code changes.
 
   --repo URL         clone this git repository on the workers instead of copying this tree
   --weights gs://... copy this GCS folder to ~/$REMOTE_WEIGHTS on every worker (gcloud storage
@@ -57,7 +58,7 @@ steps=(
   "python3 -m pip install --user --quiet uv==$UV_VERSION"
   "$uv venv --quiet --allow-existing --python $PYTHON_VERSION $REMOTE_VENV"
   "cd $REMOTE_SRC"
-  "$uv pip install --quiet --python ~/$REMOTE_VENV/bin/python -r requirements.txt \"jax[tpu]==$jax_version\" -e ."
+  "$uv pip install --quiet --python ~/$REMOTE_VENV/bin/python -r requirements.txt -r requirements-gcs.txt \"jax[tpu]==$jax_version\" -e ."
   "~/$REMOTE_VENV/bin/python -c \"import catflax, jax; print(jax.__version__)\""
   "echo catflax ready on \$(hostname)"
 )
