@@ -61,8 +61,26 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) ->
     shape = mesh_shape(sizes, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation, not explicit
     if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+        mesh = jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    else:
+        mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    check_batch_split(mesh)
+    return mesh
+
+
+def check_batch_split(mesh: Mesh) -> None:
+    """Every process reads its own examples (`process_index::process_count`), so the batch
+    shards (positions along data x fsdp) of different processes must not overlap: a `tensor`
+    axis that spans processes would have two processes feed one shard different data."""
+    tensor_axis = MESH_AXES.index("tensor")
+    devices = np.moveaxis(np.asarray(mesh.devices), tensor_axis, -1)
+    owners = [{d.process_index for d in shard} for shard in devices.reshape(-1, devices.shape[-1])]
+    shared = [sorted(o) for o in owners if len(o) > 1]
+    if shared:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: batch shards are split over processes {shared[0]} (the "
+            "tensor axis spans processes); keep `tensor` within one host's devices"
+        )
 
 
 def logical_axes(model: nnx.Module) -> dict[tuple, tuple[str | None, ...]]:

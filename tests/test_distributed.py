@@ -223,6 +223,24 @@ def test_initialize_single_process_and_mesh():
     distributed.log_mesh(mesh)
 
 
+def test_a_tensor_axis_across_processes_is_refused():
+    """8 devices on 2 hosts (4 each, in id order): tensor=2 within a host is fine; tensor=2 over
+    devices 0 and 4 (of hosts 0 and 1) would give two processes one batch shard."""
+    from types import SimpleNamespace
+
+    from catflax import sharding
+
+    devices = np.array([SimpleNamespace(id=i, process_index=i // 4) for i in range(8)])
+
+    def mesh(grid):  # (data, fsdp, tensor) device grid
+        return SimpleNamespace(devices=grid, shape=dict(zip(sharding.MESH_AXES, grid.shape)))
+
+    sharding.check_batch_split(mesh(devices.reshape(2, 2, 2)))  # tensor pairs (0,1), (2,3), ...
+    across = devices.reshape(2, 4).T.reshape(1, 4, 2)  # tensor pairs (0,4), (1,5), ...
+    with pytest.raises(ValueError, match=r"split over processes \[0, 1\].*tensor axis spans"):
+        sharding.check_batch_split(mesh(across))
+
+
 # ---------------------------------------------------------------------------------------------
 # two real processes on this machine
 
@@ -247,7 +265,10 @@ CHILD = textwrap.dedent(
             lambda x: jax.lax.psum(x, "data"), mesh=mesh, in_specs=P("data"), out_specs=P()
         )
     )(data)
+    from catflax.train.loop import _sum_over_processes  # e.g. records skipped by each process
+    skipped = _sum_over_processes(3 + 4 * info.process_index)
     print("RESULT " + json.dumps({
+        "skipped": skipped,
         "info": info.__dict__,
         "main": distributed.is_main_process(),
         "gathered": np.asarray(gathered).ravel().tolist(),
@@ -328,6 +349,7 @@ def test_two_processes_meet_and_reduce(tmp_path, style):
             "source": source,
         }
         assert result["main"] == (i == 0)
+        assert result["skipped"] == 3 + 7  # both processes get the sum
         assert result["gathered"] == [1, 11]
         # devices hold 0, 1 (process 0) and 100, 101 (process 1)
         np.testing.assert_allclose(result["psum"], [202.0])

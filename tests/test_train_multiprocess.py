@@ -53,9 +53,10 @@ def restore_here(path) -> dict:
 FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def run_two_processes(workdir, args, timeout=600) -> list[tuple[int, str, str]]:
+def run_two_processes(workdir, args, timeout=600, while_running=None) -> list[tuple[int, str, str]]:
     """(returncode, stdout, stderr) of each process. Output goes to files, not pipes: a process
-    blocked on a full pipe would stall the other one in its next collective."""
+    blocked on a full pipe would stall the other one in its next collective. `while_running`
+    gets the two Popen objects once both have started."""
     port, procs = free_port(), []
     logs = [(workdir / f"process{i}.out", workdir / f"process{i}.err") for i in range(2)]
     with contextlib.ExitStack() as files:
@@ -73,6 +74,8 @@ def run_two_processes(workdir, args, timeout=600) -> list[tuple[int, str, str]]:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr))
         deadline = time.time() + timeout
         try:
+            if while_running is not None:
+                while_running(procs)
             while any(p.poll() is None for p in procs) and time.time() < deadline:
                 time.sleep(1)
             hung = [p for p in procs if p.poll() is None]
@@ -161,3 +164,34 @@ def test_synthetic_data_prepared_at_once_into_one_directory(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(open_split, range(2))) == [64, 64]
     assert os.listdir(tmp_path / "synthetic_shapes" / "tiny") == ["1.0.0"]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+    """A preemption notice reaches one worker: both save the same step and exit 0 (the one that
+    got it must not stop alone: the other would wait in the next step's collectives), and the
+    run resumes from that checkpoint."""
+    args = [*steps(100000, ("1a",)), "--config.train.checkpoint_every=100000"]
+    metrics = tmp_path / "run" / "1a" / "metrics.jsonl"
+
+    def preempt_process_1(procs):
+        deadline = time.time() + 400
+        while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), "a process ended before training"
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+
+    results = run_two_processes(tmp_path, args, while_running=preempt_process_1)
+    stopped = []
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
+        stopped += re.findall(r"preempted \(SIGTERM\) at step (\d+); checkpoint saved", err)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
+    saved = [int(d) for d in os.listdir(tmp_path / "run" / "1a" / "checkpoints") if d.isdigit()]
+    assert saved == [int(stopped[0])]
+
+    # The run goes on from there: two more steps on both processes.
+    more = [*steps(int(stopped[0]) + 2, ("1a",))]
+    results = run_two_processes(tmp_path, more)
+    for i, (code, out, err) in enumerate(results):
+        assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
+        assert f"resumed at step {stopped[0]}" in err and "stage 1a done" in out

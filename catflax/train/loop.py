@@ -15,12 +15,12 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
@@ -55,27 +55,27 @@ _INIT_CACHE: dict = {}
 def init_params(config, mesh) -> tuple[nnx.GraphDef, nnx.State, dict]:
     """Random parameters created directly in their shardings (nothing lands on one device).
 
-    Every stage starts from the same seeded init; it is computed once per process (the jitted
-    init of hundreds of random tensors compiles slowly on CPU) and copied for each stage, since
-    the train step donates its buffers.
+    Every stage starts from the same seeded init. Its compiled program is kept for the run (the
+    jitted init of hundreds of random tensors compiles slowly on CPU) and run again for each
+    stage; the parameters themselves are not kept, so they take no device memory while a stage
+    trains.
     """
     key = (config.model.to_json(), config.seed, str(config.sharding_rules), id(mesh))
     if key not in _INIT_CACHE:
         _INIT_CACHE.clear()
-        _INIT_CACHE[key] = _init_params(config, mesh)
-    graphdef, params, shardings = _INIT_CACHE[key]
-    return graphdef, jax.tree.map(jnp.copy, params), shardings
+        _INIT_CACHE[key] = _compile_init(config, mesh)
+    graphdef, make, shardings = _INIT_CACHE[key]
+    return graphdef, make(), shardings
 
 
-def _init_params(config, mesh):
+def _compile_init(config, mesh):
     cat_cfg = CATConfig.from_dict(config.model)
     abstract = abstract_model(config)
     shardings = sharding_lib.param_shardings(abstract, mesh, dict(config.sharding_rules))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     out = sharding_lib.state_shardings(abstract_params, shardings)
     make = lambda: nnx.state(CATDiffusion(cat_cfg, rngs=model_rngs(config.seed)), nnx.Param)  # noqa: E731
-    params = jax.jit(make, out_shardings=out)()
-    return graphdef, params, shardings
+    return graphdef, jax.jit(make, out_shardings=out).lower().compile(), shardings
 
 
 def load_pretrained(config, params: nnx.State, shardings) -> list[str]:
@@ -226,7 +226,7 @@ def run_stage(
 
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(stage_dir / "tensorboard", scfg.steps, stage, first_step=start_step)
-    stop = _PreemptionFlag()
+    stop = _Preemption()
     losses: list[float] = []
     pending = None  # (step, metrics) fetched one step late
     last_time = time.time()
@@ -244,13 +244,14 @@ def run_stage(
                 losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
                 last_time = time.time()
             pending = (step, metrics, data_iter.skipped())
+            preempted = stop.reached()
             if plateau_every and step % plateau_every == 0:  # before the checkpoint of this step
                 state = validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step)
-            if step % config.train.checkpoint_every == 0 or step == scfg.steps or stop.requested:
+            if step % config.train.checkpoint_every == 0 or step == scfg.steps or preempted:
                 losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
                 pending = None
                 ckpt.save(step, state, data_iter.checkpointable(), config)
-            if stop.requested:
+            if preempted:
                 ckpt.wait()
                 logging.warning(
                     "stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step
@@ -296,15 +297,26 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[f
     dt = max(time.time() - since, 1e-9)
     scale = values.get("lr_scale", 1.0)  # reduce-on-plateau's factor
     values.update(
-        step_time_s=dt, examples_per_s=global_batch / dt, skipped_examples=float(skipped),
+        step_time_s=dt, examples_per_s=global_batch / dt,
         lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)) * scale,
         lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)) * scale,
         mfu=flops / dt / (config.train.peak_flops_per_device * jax.device_count()),
     )  # fmt: skip
+    console = step % config.train.log_every == 0 or step == scfg.steps
+    if console:  # every process skips its own records: summed over them (a host collective)
+        values["skipped_examples"] = float(_sum_over_processes(skipped))
     writer.record(step, values)  # every step, to metrics.jsonl
-    if step % config.train.log_every == 0 or step == scfg.steps:
+    if console:
         writer.scalars(step, values)
     return [values["loss"]]
+
+
+def _sum_over_processes(count: int) -> int:
+    """A per-process count summed over all processes (every process must call it)."""
+    if jax.process_count() == 1:
+        return count
+    counts = multihost_utils.process_allgather(np.asarray(count, np.int64))
+    return int(np.sum(counts))
 
 
 def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
@@ -360,15 +372,34 @@ def _memory(compiled) -> str:
         return "n/a"
 
 
-class _PreemptionFlag:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits 0."""
+class _Preemption:
+    """A preemption notice (SIGTERM) -> the step at which every process saves and exits 0.
+
+    One process: a SIGTERM handler sets a flag. Several: jax's preemption service (started by
+    jax.distributed.initialize; it catches SIGTERM itself, so no Python handler here) tells
+    every process of a notice to any of them and agrees on one step for all: a process that
+    stopped alone would leave the others waiting in the step's collectives. Its step ids count
+    every training step of the run, over all stages, the same on every process."""
+
+    _sync_id = 0  # steps seen in this run (all stages)
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multi_process = jax.process_count() > 1
+        self._previous = None
+        if not self.multi_process:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self) -> bool:
+        """Called once after every training step: whether to checkpoint and stop now."""
+        if self.multi_process:
+            _Preemption._sync_id += 1
+            self.requested = multihost_utils.reached_preemption_sync_point(_Preemption._sync_id)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
