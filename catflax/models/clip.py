@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from catflax.models.attention import dot_product_attention
-from catflax.models.layers import activation, remat, remat_mode, torch_linear
+from catflax.models.layers import activation, layer_norm, remat, remat_mode, torch_linear
 from catflax.models.rngs import abstract_module
 
 
@@ -159,9 +159,9 @@ class CLIPEncoderLayer(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
         eps, width = cfg.layer_norm_eps, cfg.hidden_size
-        self.layer_norm1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs, **dt)
+        self.layer_norm1 = layer_norm(width, eps, rngs=rngs, **dt)
         self.self_attn = CLIPAttention(width, cfg.num_heads, cfg.attention, rngs=rngs, **dt)
-        self.layer_norm2 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs, **dt)
+        self.layer_norm2 = layer_norm(width, eps, rngs=rngs, **dt)
         self.mlp = CLIPMLP(width, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array, mask=None, is_causal: bool = False) -> jax.Array:
@@ -199,8 +199,8 @@ class CLIPTextTransformer(nnx.Module):
         self.eos_token_id = cfg.eos_token_id
         self.embeddings = CLIPTextEmbeddings(cfg, rngs=rngs)
         self.encoder = CLIPEncoder(cfg, rngs=rngs)
-        self.final_layer_norm = nnx.LayerNorm(
-            cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg)
+        self.final_layer_norm = layer_norm(
+            cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg)
         )
 
     def __call__(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None):
@@ -244,9 +244,9 @@ class CLIPVisionTransformer(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
         dt, eps = _dtypes(cfg), cfg.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(cfg, rngs=rngs)
-        self.pre_layernorm = nnx.LayerNorm(cfg.hidden_size, epsilon=eps, rngs=rngs, **dt)
+        self.pre_layernorm = layer_norm(cfg.hidden_size, eps, rngs=rngs, **dt)
         self.encoder = CLIPEncoder(cfg, rngs=rngs)
-        self.post_layernorm = nnx.LayerNorm(cfg.hidden_size, epsilon=eps, rngs=rngs, **dt)
+        self.post_layernorm = layer_norm(cfg.hidden_size, eps, rngs=rngs, **dt)
 
     def __call__(self, pixels_BHWC: jax.Array):
         last_hidden_BLD = self.encoder(self.pre_layernorm(self.embeddings(pixels_BHWC)))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from catflax.models.clip import CLIPEncoder
-from catflax.models.layers import activation, torch_linear
+from catflax.models.layers import activation, layer_norm, torch_linear
 from catflax.models.rngs import abstract_module
 
 CHECKPOINT_PREFIX = "fusion_model."  # where the official CAT-Diffusion checkpoint keeps it
@@ -98,7 +98,7 @@ class SemanticInpainter(nnx.Module):
         dt, width = _dtypes(cfg), cfg.hidden_size
         self.embeddings = InpainterEmbeddings(cfg, rngs=rngs)
         self.encoder = CLIPEncoder(cfg, rngs=rngs)
-        self.post_layernorm = nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, rngs=rngs, **dt)
+        self.post_layernorm = layer_norm(width, cfg.layer_norm_eps, rngs=rngs, **dt)
         act = cfg.hidden_act
         self.label_mlp = InpainterMLP(
             cfg.label_size, cfg.label_intermediate_size, width, act, rngs=rngs, **dt

@@ -89,6 +89,8 @@ def group_norm(
 
 
 def layer_norm(width: int, eps: float, *, rngs: nnx.Rngs, **dtypes) -> nnx.LayerNorm:
+    """nnx.LayerNorm with PyTorch's two-pass variance (flax's default, E[x^2] - E[x]^2, loses
+    precision when the mean is large against the spread, as in CLIP's hidden states)."""
     return nnx.LayerNorm(width, epsilon=eps, use_fast_variance=False, rngs=rngs, **dtypes)
 
 
