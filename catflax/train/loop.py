@@ -2,9 +2,11 @@
 
 Resume order (each stage lives in WORKDIR/<stage>/; WORKDIR local or gs://):
   1. WORKDIR/<stage>/final/params committed -> the stage is done; skip it.
-  2. WORKDIR/<stage>/checkpoints has one -> restore state, data iterator and step; continue.
-  3. otherwise                           -> start: pretrained weights (config.weights), then the
-                                            final parameters of every earlier stage (the merge).
+  2. WORKDIR/<stage>/checkpoints has one    -> restore state, data iterator and step; continue
+                                               (at the last step: save final/ and go on).
+  3. otherwise                              -> start: pretrained weights (config.weights), then
+                                               the final parameters of every earlier stage (the
+                                               merge).
 """
 
 from __future__ import annotations

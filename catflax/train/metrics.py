@@ -17,7 +17,9 @@ from etils import epath
 class MetricWriter:
     """Scalars and images to TensorBoard (tensorboardX) plus a console line with ETA."""
 
-    def __init__(self, logdir: str | os.PathLike, total_steps: int, stage: str, first_step=0):
+    def __init__(
+        self, logdir: str | os.PathLike, total_steps: int, stage: str, first_step: int = 0
+    ):
         """`logdir` local or a URL (gs://); ETAs count from `first_step` (where a run resumed)."""
         self.enabled = jax.process_index() == 0
         self.total_steps, self.stage, self.first_step = total_steps, stage, first_step
@@ -52,7 +54,8 @@ class MetricWriter:
         self._records[name].append(line)
 
     def flush(self) -> None:
-        """Copies what a remote run directory has not got yet (nothing for a local one)."""
+        """Writes the kept records and TensorBoard files to a remote run directory (a local one
+        has them already)."""
         if not (self._remote and self.enabled):
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
