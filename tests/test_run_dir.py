@@ -62,6 +62,8 @@ def test_metrics_and_images_reach_an_object_store(fake_gcs, capsys):
         writer.record(step, {"loss": 1.0 / step})
     writer.scalars(3, {"loss": 1 / 3})
     on_store = fake_gcs / "bucket" / "run" / "1a"
+    assert not on_store.exists()  # written at checkpoints (flush) and at close
+    writer.flush()
     lines = (on_store / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
     events = list((on_store / "tensorboard").iterdir())

@@ -33,6 +33,7 @@ from catflax.train.checkpoint import Checkpointer
 from catflax.train.metrics import MetricWriter
 from catflax.train.samples import write_sample_grid
 from catflax.train.steps import (
+    PREEMPT_KEY,
     StepConfig,
     create_sharded_state,
     jit_step,
@@ -215,7 +216,8 @@ def run_stage(
         return StageResult(stage, 0, [])
 
     # ---------------------------------------------------------------- compile
-    batch = data_iter.next_global(mesh)
+    stop = _Preemption()
+    batch = _next_batch(data_iter, mesh, stop)
     state_sh, frozen_sh = sharding_of(state), sharding_of(frozen)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     step_fn = jit_step(graphdef, tx, step_cfg, state_sh, frozen_sh, batch_sh)
@@ -228,7 +230,6 @@ def run_stage(
 
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(stage_dir / "tensorboard", scfg.steps, stage, first_step=start_step)
-    stop = _Preemption()
     losses: list[float] = []
     pending = None  # (step, metrics) fetched one step late
     last_time = time.time()
@@ -242,19 +243,25 @@ def run_stage(
                 os.kill(os.getpid(), signal.SIGKILL)
             state, metrics = compiled(state, frozen, batch)
             step += 1
-            if pending is not None:
-                losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+            preempted = False
+            if pending is not None:  # the step before: the same values on every process
+                values = _report(pending, writer, config, scfg, global_batch, flops, last_time)
+                losses.append(values["loss"])
+                preempted = values.get(PREEMPT_KEY, 0) > 0
                 last_time = time.time()
             pending = (step, metrics, data_iter.skipped())
-            preempted = stop.reached()
             if plateau_every and step % plateau_every == 0:  # before the checkpoint of this step
                 state = validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step)
             if step % config.train.checkpoint_every == 0 or step == scfg.steps or preempted:
-                losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+                values = _report(pending, writer, config, scfg, global_batch, flops, last_time)
+                losses.append(values["loss"])
+                preempted = preempted or values.get(PREEMPT_KEY, 0) > 0
                 pending = None
                 ckpt.save(step, state, data_iter.checkpointable(), config)
+                writer.flush()
             if preempted:
                 ckpt.wait()
+                writer.close()
                 logging.warning(
                     "stage %s: preempted (SIGTERM) at step %d; checkpoint saved", stage, step
                 )
@@ -266,11 +273,10 @@ def run_stage(
                                   stage_dir / "samples" / f"{step}.png",
                                   mesh=mesh)  # fmt: skip
             if step < scfg.steps:
-                batch = data_iter.next_global(mesh)
-        if pending is not None:
-            losses += _report(pending, writer, config, scfg, global_batch, flops, last_time)
+                batch = _next_batch(data_iter, mesh, stop)
     except NonFiniteLossError:
         ckpt.wait()  # the last good checkpoint lands before the run stops
+        writer.close()
         raise
     ckpt.wait()
     ckpt.close()
@@ -285,7 +291,16 @@ def _handed_over(state, config) -> nnx.State:
     return state.params if state.ema is None or not config.train.export_ema else state.ema
 
 
-def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[float]:
+def _next_batch(data_iter, mesh, stop: _Preemption) -> dict[str, jax.Array]:
+    """The next global batch, with this process's preemption flag in it (PREEMPT_KEY)."""
+    local = data_iter.next_local()
+    examples = len(next(iter(local.values())))
+    local[PREEMPT_KEY] = np.full((examples,), stop.requested, np.int32)
+    return sharding_lib.global_batch(local, mesh)
+
+
+def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[str, float]:
+    """Checks, records and (every log_every steps) prints one step's metrics; returns them."""
     step, metrics, skipped = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # The loss comes from the parameters before the step's update, the gradient norm from the
@@ -310,7 +325,7 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> list[f
     writer.record(step, values)  # every step, to metrics.jsonl
     if console:
         writer.scalars(step, values)
-    return [values["loss"]]
+    return values
 
 
 def _sum_over_processes(count: int) -> int:
@@ -375,33 +390,18 @@ def _memory(compiled) -> str:
 
 
 class _Preemption:
-    """A preemption notice (SIGTERM) -> the step at which every process saves and exits 0.
-
-    One process: a SIGTERM handler sets a flag. Several: jax's preemption service (started by
-    jax.distributed.initialize; it catches SIGTERM itself, so no Python handler here) tells
-    every process of a notice to any of them and agrees on one step for all: a process that
-    stopped alone would leave the others waiting in the step's collectives. Its step ids count
-    every training step of the run, over all stages, the same on every process."""
-
-    _sync_id = 0  # steps seen in this run (all stages)
+    """SIGTERM (a preemption notice) sets a flag that goes into every later batch (PREEMPT_KEY);
+    the step's max of it tells every process, at the same step, that some process got a
+    notice, and all checkpoint there and exit 0. (A process stopping alone would leave the
+    others waiting in the step's collectives. The handler replaces jax's own preemption
+    notifier, whose agreed step ids orbax's CheckpointManager also feeds with its own.)"""
 
     def __init__(self):
         self.requested = False
-        self.multi_process = jax.process_count() > 1
-        self._previous = None
-        if not self.multi_process:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def reached(self) -> bool:
-        """Called once after every training step: whether to checkpoint and stop now."""
-        if self.multi_process:
-            _Preemption._sync_id += 1
-            self.requested = multihost_utils.reached_preemption_sync_point(_Preemption._sync_id)
-        return self.requested
-
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        signal.signal(signal.SIGTERM, self._previous)

@@ -28,8 +28,9 @@ class MetricWriter:
         self.logdir = epath.Path(logdir)
         self.stage_dir = self.logdir.parent  # where the .jsonl records go
         # Object stores (gs://) cannot append: there the records are kept and rewritten, and
-        # TensorBoard writes to a local folder whose files are copied over, at every console
-        # line and at close.
+        # TensorBoard writes to a local folder whose files are copied over, by `flush` (the
+        # loop calls it at every checkpoint: rows past the last one are redone on a resume)
+        # and at close.
         self._remote = "://" in str(logdir)
         self._records: dict[str, list[str]] = {}
         if self.enabled:
@@ -71,7 +72,6 @@ class MetricWriter:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, float(value), step)
-        self.flush()
         done = step - self.first_step
         elapsed = time.time() - self.start
         eta = elapsed / max(done, 1) * (self.total_steps - step)

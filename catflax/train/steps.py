@@ -23,6 +23,11 @@ from catflax import diffusion
 from catflax.models import inpainter as inpainter_lib
 from catflax.train import optim
 
+# A batch entry (one int32 per example) that each process sets to 1 once it got a preemption
+# notice (SIGTERM); the step returns its max, so all processes learn of a notice to any one of
+# them at the same step and checkpoint together.
+PREEMPT_KEY = "preempt"
+
 
 @struct.dataclass
 class TrainState:
@@ -116,6 +121,8 @@ def train_step(
         d = cfg.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    if PREEMPT_KEY in batch:  # the max over the global batch: every process sees any notice
+        metrics[PREEMPT_KEY] = jnp.max(batch[PREEMPT_KEY])
     plateau = optim.plateau_state(state.opt_state)
     if plateau is not None:  # the factor this step's update was scaled by
         metrics["lr_scale"] = plateau.scale
