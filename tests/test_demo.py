@@ -66,7 +66,7 @@ def test_pooling_vae_weights_do_the_same_in_diffusers():
 
 
 # The demo made shorter: 32 px images (a 4x4 latent grid; CLIP input 32 px in 2 px patches, still
-# 16x16), about half the steps, no stage-end sample grids, 32 held-out images in the check.
+# 16x16), about 40% of the steps, no stage-end sample grids, 32 held-out images in the check.
 SHORT_DEMO = [
     "--config=configs/demo.py",
     "--config.data.resolution=32",
