@@ -21,8 +21,10 @@ def test_crop_contains_extent_when_it_fits():
             assert 0 <= start <= length - size
             if last - first + 1 <= size:
                 assert start <= first and last <= start + size - 1  # contains the extent
-            else:
+            elif crop_rng is None:
                 assert first <= start and start + size - 1 <= last  # lies inside it
+            else:  # the reference's crop_512: from the object's first row/column
+                assert start == min(first, length - size)
     # every valid start is reachable: extent [10, 12] in 30 with a window of 8 -> starts 5..10
     found = {geometry.crop_offset(30, (10, 12), 8, rng) for _ in range(500)}
     assert found == set(range(5, 11))

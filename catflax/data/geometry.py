@@ -110,7 +110,9 @@ def crop_offset(
     length: int, span: tuple[int, int] | None, size: int, rng: np.random.Generator | None
 ) -> int:
     """Start of a `size` window on an axis of `length` that contains `span` (first, last) when
-    it fits, else lies inside it; random among the valid starts, or centred when rng is None."""
+    it fits; random among the valid starts, or centred when rng is None. An object larger than
+    the window: the random window starts at its first row/column (the reference's crop_512),
+    the centred one lies inside it around its middle."""
     last_start = length - size
     if last_start < 0:
         raise ValueError(f"cannot crop {size} from {length}")
@@ -120,7 +122,9 @@ def crop_offset(
     else:
         first, last = span
         lo, hi = max(0, last - size + 1), min(first, last_start)
-        if lo > hi:  # the object is larger than the window: keep the window inside it
+        if lo > hi:  # the object is larger than the window
+            if rng is not None:
+                return min(first, last_start)
             lo, hi = hi, lo
         lo, hi = max(0, lo), min(hi, last_start)
         centre = (first + last) // 2 - size // 2
