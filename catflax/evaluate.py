@@ -7,8 +7,10 @@ r"""Evaluate a model on a prepared dataset: generate; write images, metrics and 
 
 Examples are the first `--num` object examples of the split, in order (text-image pairs, records
 that do not decode and masks that vanish at the model resolution are skipped and counted).
-`--masks=seg` uses the object mask, `--masks=box` its filled bounding box. Image and mask are
-resized to the model resolution (SPEC.md §4 evaluation); example i is generated with seed
+`--masks=seg` uses the object mask, resized to the model resolution and given to the model soft
+(SPEC.md §4 evaluation); `--masks=box` the record's stored box (else the mask's extent) drawn at
+the model resolution, as the reference's box evaluation. Images are resized the same way;
+example i is generated with seed
 `--seed + i` and classifier-free guidance in one batch, each batch split over all local devices
 with the model replicated; the result is pasted back (outside the mask exactly the input).
 
@@ -105,7 +107,8 @@ class Example:
     example_id: str
     prompt: str
     image: np.ndarray  # (R,R,3) uint8, at the model resolution
-    mask: np.ndarray  # (R,R) uint8 0/255, binary, at the model resolution
+    mask: np.ndarray  # (R,R) uint8 0/255, binary, at the model resolution (paste-back, metrics)
+    model_mask: np.ndarray  # (R,R) uint8 what the model is given: SPEC.md §4's soft resize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +126,17 @@ def filled_box(mask_HW: np.ndarray) -> np.ndarray:
         top, bottom, left, right = found
         out[top : bottom + 1, left : right + 1] = 255
     return out
+
+
+def _box_at(box, mask_HW: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The object's box as a filled 0/255 mask of `size`: the record's stored box (ymin, xmin,
+    ymax, xmax in [0, 1]; the annotated one, often looser than the mask), else the mask's
+    extent."""
+    from catflax.data import geometry
+
+    if box is not None and box[2] > box[0] and box[3] > box[1]:
+        return geometry.box_mask(size[::-1], np.asarray(box, np.float32))
+    return filled_box(np.asarray(Image.fromarray(filled_box(mask_HW)).resize(size)))
 
 
 def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[Example], dict]:
@@ -146,18 +160,18 @@ def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[E
         except records.DecodeError:
             skipped["corrupt"] += 1
             continue
-        mask = filled_box(mask) if masks == "box" else mask
         size = (resolution, resolution)  # PIL's default resample, as SPEC.md §4 evaluation
-        mask_R = np.asarray(Image.fromarray(mask).resize(size))
-        binary = np.where(geometry.binary(mask_R), 255, 0).astype(np.uint8)
-        if masks == "box":  # a box's corners can round away in the resize: keep it a box
-            binary = filled_box(binary)
+        if masks == "box":  # drawn at the model resolution, as the reference's box evaluation
+            model_mask = binary = _box_at(record.get("box"), mask, size)
+        else:  # soft (resized, not thresholded), as SPEC.md §4
+            model_mask = np.asarray(Image.fromarray(mask).resize(size))
+            binary = np.where(geometry.binary(model_mask), 255, 0).astype(np.uint8)
         if not binary.any():
             skipped["empty_mask"] += 1
             continue
         examples.append(
             Example(index, records.text(record["example_id"]), records.text(record["label"]),
-                    np.asarray(image.resize(size)), binary)
+                    np.asarray(image.resize(size)), binary, model_mask)
         )  # fmt: skip
     return examples, skipped
 
@@ -231,7 +245,7 @@ def generate(sampler: ShardedSampler, examples: Sequence[Example], opts: Options
     for start in range(0, len(examples), size):
         chunk = list(examples[start : start + size])
         padded = chunk + [chunk[0]] * (size - len(chunk))  # one compiled batch size for all
-        batch = sampler.pipe.prepare([(Image.fromarray(e.image), e.mask) for e in padded])
+        batch = sampler.pipe.prepare([(Image.fromarray(e.image), e.model_mask) for e in padded])
         batch["input_ids"] = sampler.tokenize([e.prompt for e in padded])
         seeds = [opts.seed + start + i for i in range(size)]
         images = sampler(batch, seeds, opts.num_steps, opts.guidance_scale)[: len(chunk)]

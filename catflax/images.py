@@ -7,7 +7,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 
@@ -26,6 +26,8 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decode now: truncated or corrupt files fail here, not later
+        # as displayed: a phone JPEG's EXIF rotation applied (the mask was drawn on that view)
+        image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable {what} ({e})") from e
     return image

@@ -177,7 +177,7 @@ class CATPipeline:
             config = CATConfig.from_dict(config)
         cfg = pipeline_format.with_overrides(config or CATConfig(), over)
         state = io.read_state_dict(path, allow_pickle=allow_pickle)
-        model = _load_checkpoint(path, state, cfg, clip_path, over)
+        model = _load_checkpoint(path, state, cfg, clip_path, over, allow_pickle)
         tokenizer = load_tokenizer(_tokenizer_dir(clip_path))
         return cls(model, tokenizer, resolution=resolution or 512)
 
@@ -315,7 +315,9 @@ def _broadcast(x, n: int, what: str) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_checkpoint(path: str, state, cfg: CATConfig, clip_path: str | None, over) -> CATDiffusion:
+def _load_checkpoint(
+    path: str, state, cfg: CATConfig, clip_path: str | None, over, allow_pickle: bool = False
+) -> CATDiffusion:
     """CATDiffusion from an official checkpoint's state dict (CLIP towers it lacks: clip_path)."""
     from catflax.models.clip import CLIPTextModel, CLIPVisionModel
     from catflax.models.inpainter import SemanticInpainter
@@ -335,7 +337,7 @@ def _load_checkpoint(path: str, state, cfg: CATConfig, clip_path: str | None, ov
         if parts[name]:
             towers[name] = load(state, getattr(cfg, name), source_name=path)
         elif clip_path:
-            towers[name] = cls.from_pretrained(clip_path, **over)
+            towers[name] = cls.from_pretrained(clip_path, allow_pickle=allow_pickle, **over)
         else:
             prefix = ldm.COMPONENT_PREFIXES[name]
             raise ValueError(f"{path}: no {prefix}* keys ({name}); pass clip_path=CLIP_DIR")

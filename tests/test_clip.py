@@ -162,6 +162,10 @@ def test_pickles_load_only_when_asked(tmp_path):
         ref = model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).pooler_output
     vision = clip.CLIPVisionModel.from_pretrained(str(path), allow_pickle=True)
     np.testing.assert_allclose(vision(jnp.asarray(pixels))[1], ref.numpy(), atol=1e-5, rtol=1e-5)
+    # A pickle torch's weights-only loader cannot read: an error that names the file.
+    (path / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a truncated zip")
+    with pytest.raises(WeightFileError, match="pytorch_model.bin: not a readable PyTorch"):
+        clip.CLIPVisionModel.from_pretrained(str(path), allow_pickle=True)
 
 
 def test_full_size_presets_have_vit_l14_parameter_counts():

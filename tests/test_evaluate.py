@@ -133,7 +133,7 @@ def test_sharded_sampling_equals_the_pipeline(setup):
     source = sources.open_tfds(DATASET, "validation", data_dir)
     examples, _ = evaluate.read_examples(source, 8, "seg", RES)
     sampler = evaluate.ShardedSampler(pipe)
-    batch = pipe.prepare([(Image.fromarray(e.image), e.mask) for e in examples])
+    batch = pipe.prepare([(Image.fromarray(e.image), e.model_mask) for e in examples])
     batch["input_ids"] = sampler.tokenize([e.prompt for e in examples])
     seeds = list(range(10, 18))
     on_devices = sampler.sample_on_devices(batch, seeds)
@@ -162,6 +162,39 @@ def test_seg_masks_without_paste_back(setup, tmp_path):
     mask = records.decode_mask(record["mask"], image.size)
     want = np.asarray(Image.fromarray(mask).resize((RES, RES))) >= 128
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "00000.png")) > 0, want)
+
+
+def test_examples_get_soft_masks_and_stored_boxes():
+    """seg: the model gets the mask resized soft (SPEC.md §4), paste-back its threshold; box: the
+    record's stored (annotated) box drawn at the model resolution, not the mask's extent."""
+    from catflax.data import geometry, records
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask = np.zeros((40, 60), np.uint8)
+    mask[12:25, 20:33] = 255
+    box = np.array([0.1, 0.2, 0.9, 0.8], np.float32)  # looser than the mask, as annotations are
+    record = dict(image=_png(image), mask=records.encode_png(mask), box=box, example_id="e0",
+                  label="a ball")  # fmt: skip
+    (seg,), _ = evaluate.read_examples([record], 1, "seg", 32)
+    soft = np.asarray(Image.fromarray(mask).resize((32, 32)))
+    np.testing.assert_array_equal(seg.model_mask, soft)
+    assert ((soft > 0) & (soft < 255)).any()  # soft edges reach the model
+    np.testing.assert_array_equal(seg.mask, np.where(soft >= 128, 255, 0))
+    (boxed,), _ = evaluate.read_examples([record], 1, "box", 32)
+    np.testing.assert_array_equal(boxed.mask, geometry.box_mask((32, 32), box))
+    np.testing.assert_array_equal(boxed.model_mask, boxed.mask)
+    no_box = dict(record, box=np.zeros(4, np.float32))  # none stored: the mask's extent
+    (extent,), _ = evaluate.read_examples([no_box], 1, "box", 32)
+    np.testing.assert_array_equal(extent.mask, evaluate.filled_box(seg.mask))
+
+
+def _png(array_HWC: np.ndarray) -> bytes:
+    import io as io_lib
+
+    buffer = io_lib.BytesIO()
+    Image.fromarray(array_HWC).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_filled_box():

@@ -326,3 +326,19 @@ def test_bad_weights_are_named(tmp_path):
 def test_package_import_does_not_import_jax():
     code = "import sys, catflax; assert 'jax' not in sys.modules; catflax.CATPipeline"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_photo_is_read_as_displayed(tmp_path):
+    """A camera JPEG stored sideways with an EXIF orientation: read upright, as the user drew
+    the mask on it."""
+    from catflax.images import load_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    image, _ = load_image(str(tmp_path / "photo.jpg"))
+    assert image.size == (20, 40)  # displayed: 20 wide, 40 tall
+    upright = np.asarray(image).astype(int)
+    assert upright[:15].mean() > 200 and upright[25:].mean() < 50  # the white half on top

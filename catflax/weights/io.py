@@ -77,7 +77,10 @@ def read_pickle(path: str) -> dict[str, np.ndarray]:
             f"{path}: a pickled PyTorch file needs torch installed; convert it to safetensors "
             "or install torch"
         ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zips, objects the weights-only unpickler refuses, ...
+        raise WeightFileError(f"{path}: not a readable PyTorch weights file ({e})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     out = {}
