@@ -311,6 +311,19 @@ def test_official_checkpoint_loads_like_the_directory(pipe, tmp_path):
     out = official(image, mask, "a red ball", **kw)
     np.testing.assert_array_equal(np.asarray(out), expected)
 
+    # A CLIP directory with only a pickle: loaded with allow_pickle, refused without.
+    import torch
+
+    tensors = io.read_safetensors(str(clip_dir / "model.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, clip_dir / "pytorch_model.bin")
+    os.remove(clip_dir / "model.safetensors")
+    with pytest.raises(io.WeightFileError, match="pytorch_model.bin.*allow_pickle"):
+        CATPipeline.from_pretrained(path, clip_path=str(clip_dir), config=cfg, resolution=RES)
+    pickled = CATPipeline.from_pretrained(
+        path, clip_path=str(clip_dir), config=cfg, resolution=RES, allow_pickle=True
+    )
+    assert_same_params(pickled.model, pipe.model)
+
 
 def test_bad_weights_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
