@@ -75,10 +75,12 @@ def _run_stages(config, workdir: str, mesh) -> None:
     for stage in config.stages:
         result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config),
                            lambda: Feed.from_config(config, "eval"))  # fmt: skip
-        if not result.skipped and not result.losses:  # resumed at its last step
+        if result.skipped:
+            continue
+        if not result.losses:  # resumed at its last step
             print(f"stage {stage} done: process {jax.process_index()}, resumed at its last "
                   "step; final parameters saved", flush=True)  # fmt: skip
-        elif not result.skipped:
+        else:
             first, last = result.losses[0], result.losses[-1]
             print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "
                   f"loss {first:.4g} (first step) -> {last:.4g} (last); per step: "

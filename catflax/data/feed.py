@@ -1,10 +1,12 @@
 """The trainer's view of the pipeline: global device batches, resumable state, skip counts.
 
 `Feed` is what catflax.train.loop.run_stage's `data_factory(stage)` returns:
-`next_global(mesh)`, `checkpointable()` (for grain's orbax handler) and `skipped()`.
+`next_global(mesh[, fill])`, `checkpointable()` (for grain's orbax handler) and `skipped()`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -45,11 +47,16 @@ class Feed:
             local["empty_ids"] = np.broadcast_to(self._empty_ids, local["input_ids"].shape).copy()
         return local
 
-    def next_global(self, mesh) -> dict:
-        """The next batch as global jax.Arrays, batch axis over the mesh's (data, fsdp)."""
+    def next_global(self, mesh, fill: Mapping[str, int] | None = None) -> dict:
+        """The next batch as global jax.Arrays, batch axis over the mesh's (data, fsdp); each
+        `fill` key becomes one more int32 entry, this process's value for its every example."""
         from catflax import sharding
 
-        return sharding.global_batch(self.next_local(), mesh)
+        local = self.next_local()
+        examples = len(next(iter(local.values())))
+        for key, value in (fill or {}).items():
+            local[key] = np.full((examples,), value, np.int32)
+        return sharding.global_batch(local, mesh)
 
     def checkpointable(self) -> pipeline.PipelineIterator:
         return self.iterator

@@ -217,7 +217,7 @@ def run_stage(
 
     # ---------------------------------------------------------------- compile
     stop = _Preemption()
-    batch = _next_batch(data_iter, mesh, stop)
+    batch = data_iter.next_global(mesh, {PREEMPT_KEY: stop.requested})
     state_sh, frozen_sh = sharding_of(state), sharding_of(frozen)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     step_fn = jit_step(graphdef, tx, step_cfg, state_sh, frozen_sh, batch_sh)
@@ -273,7 +273,7 @@ def run_stage(
                                   stage_dir / "samples" / f"{step}.png",
                                   mesh=mesh)  # fmt: skip
             if step < scfg.steps:
-                batch = _next_batch(data_iter, mesh, stop)
+                batch = data_iter.next_global(mesh, {PREEMPT_KEY: stop.requested})
     except NonFiniteLossError:
         ckpt.wait()  # the last good checkpoint lands before the run stops
         writer.close()
@@ -289,14 +289,6 @@ def run_stage(
 def _handed_over(state, config) -> nnx.State:
     """What the next stage and the export get: the parameters, or their EMA if so configured."""
     return state.params if state.ema is None or not config.train.export_ema else state.ema
-
-
-def _next_batch(data_iter, mesh, stop: _Preemption) -> dict[str, jax.Array]:
-    """The next global batch, with this process's preemption flag in it (PREEMPT_KEY)."""
-    local = data_iter.next_local()
-    examples = len(next(iter(local.values())))
-    local[PREEMPT_KEY] = np.full((examples,), stop.requested, np.int32)
-    return sharding_lib.global_batch(local, mesh)
 
 
 def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[str, float]:
