@@ -1,4 +1,5 @@
-"""Input pipeline throughput: examples/s of one worker at 512 px from JPEG, and where time goes.
+"""Input pipeline throughput at 512 px from JPEG: ms per example by stage, examples/s of one
+worker (and of N worker processes); prints one JSON line and a table.
 
     python bench/data_pipeline.py                      # one worker (this process)
     python bench/data_pipeline.py --workers=4          # also the full pipeline with 4 workers
@@ -11,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
+from bench import common
 from catflax.data import geometry, pipeline, records, synthetic
 from catflax.tokenizer import load_tokenizer, tokenize
 
@@ -69,6 +76,40 @@ def examples_per_second(data, config, batches: int) -> float:
     return batches * config.batch_size / (time.perf_counter() - start)
 
 
+def run(
+    resolution: int = 512, clip_resolution: int = 224, examples: int = 64, batch_size: int = 8,
+    batches: int = 16, workers: int = 0,
+) -> dict:  # fmt: skip
+    """Times the pipeline on generated JPEGs; prints the JSON line and tables; the record."""
+    data = jpeg_records(examples)
+    config = pipeline.PipelineConfig(
+        resolution=resolution,
+        clip_resolution=clip_resolution,
+        batch_size=batch_size,
+        num_workers=0,
+        read_threads=1,
+    )
+    stages = per_stage(data[:32], config)
+    rates = {"in process": examples_per_second(data, config, batches)}
+    if workers:
+        parallel = dataclasses.replace(config, num_workers=workers)
+        rates[f"workers={workers}"] = examples_per_second(data, parallel, batches)
+    record = dict(
+        benchmark="data_pipeline", **common.machine(), cpu_count=os.cpu_count(),
+        resolution=resolution, clip_resolution=clip_resolution, batch_size=batch_size,
+        jpeg_kib_mean=float(np.mean([len(r["image"]) for r in data]) / 1024),
+        ms_per_example=stages, examples_per_s=rates,
+    )  # fmt: skip
+    common.emit_json(record)
+    kib = record["jpeg_kib_mean"]
+    title = f"{examples} JPEGs (480-640 px, {kib:.0f} KiB mean) -> {resolution} px"
+    rows = [{"stage": k, "ms/example": v} for k, v in stages.items()]
+    common.print_table(rows, ["stage", "ms/example"], title=title)
+    rows = [{"run": k, "examples/s": v} for k, v in rates.items()]
+    common.print_table(rows, ["run", "examples/s"])
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=512)
@@ -78,25 +119,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=16, help="timed batches")
     parser.add_argument("--workers", type=int, default=0, help="also time N worker processes")
     args = parser.parse_args()
-
-    data = jpeg_records(args.examples)
-    mean_kb = np.mean([len(r["image"]) for r in data]) / 1024
-    config = pipeline.PipelineConfig(
-        resolution=args.resolution,
-        clip_resolution=args.clip_resolution,
-        batch_size=args.batch_size,
-        num_workers=0,
-        read_threads=1,
-    )
-    print(f"{args.examples} JPEGs, 480-640 px, {mean_kb:.0f} KiB mean; {args.resolution} px out")
-    for stage, ms in per_stage(data[:32], config).items():
-        print(f"  {stage:>12}: {ms:6.2f} ms/example")
-    rate = examples_per_second(data, config, args.batches)
-    print(f"one worker (1 thread, in process): {rate:.1f} examples/s")
-    if args.workers:
-        parallel = dataclasses.replace(config, num_workers=args.workers)
-        rate = examples_per_second(data, parallel, args.batches)
-        print(f"{args.workers} worker processes: {rate:.1f} examples/s")
+    run(**vars(args))
 
 
 if __name__ == "__main__":

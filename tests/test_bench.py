@@ -128,3 +128,17 @@ def test_cpu_bf16_bench(capsys):
         assert {(op, d, "jax") for d in ("fp32", "bf16", "bf16 -> fp32")} <= seen
         assert {(op, d, "torch") for d in ("fp32", "bf16")} <= seen
     assert all(r["gflops"] > 0 for r in rows)
+
+
+def test_data_pipeline_bench(capsys):
+    """Every per-example stage timed; in-process and worker-process rates from real batches."""
+    from bench import data_pipeline
+
+    data_pipeline.run(resolution=64, clip_resolution=32, examples=4, batch_size=2, batches=2,
+                      workers=1)  # fmt: skip
+    record = json_line(capsys.readouterr().out)
+    assert record["benchmark"] == "data_pipeline" and record["resolution"] == 64
+    assert set(record["ms_per_example"]) == {"decode image", "decode mask", "geometry", "tokenize"}
+    assert all(ms > 0 for ms in record["ms_per_example"].values())
+    assert set(record["examples_per_s"]) == {"in process", "workers=1"}
+    assert all(rate > 0 for rate in record["examples_per_s"].values())
