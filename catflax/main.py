@@ -111,6 +111,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"catflax: {e}")
 
 
+def generated_data_dir(workdir: str) -> str:
+    """Where a config with an empty data.data_dir keeps generated data: WORKDIR/data, or each
+    host's ~/catflax-data when the workdir is on an object store (every host generates the
+    same data; reading ArrayRecords from a bucket needs no copy per host, writing them does)."""
+    if "://" in workdir:
+        return os.path.expanduser("~/catflax-data")
+    return os.path.join(workdir, "data")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -122,9 +131,9 @@ def main(argv) -> None:
     workdir = _WORKDIR.value
     if not workdir.startswith("gs://"):
         os.makedirs(workdir, exist_ok=True)
-    if not config.data.data_dir:  # generated data (the demo) lives in the workdir
+    if not config.data.data_dir:  # generated data (the demo)
         with config.unlocked():
-            config.data.data_dir = os.path.join(workdir, "data")
+            config.data.data_dir = generated_data_dir(workdir)
     logging.info("config:\n%s", config)
     from catflax.models.cat import ConfigError
 

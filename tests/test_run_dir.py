@@ -107,3 +107,24 @@ def test_a_non_finite_loss_or_gradient_stops_with_the_step(metric):
     metrics[metric] = jnp.float32(jnp.nan if metric == "loss" else jnp.inf)
     with pytest.raises(loop.NonFiniteLossError, match=f"{metric} is (nan|inf) at step 7"):
         loop._report((7, metrics, 0), None, None, None, 16, 0.0, 0.0)
+
+
+def test_generated_data_of_a_remote_run_stays_on_local_disk(tmp_path, monkeypatch):
+    """TFDS writes ArrayRecords to local files only: a gs:// run generates on each host's disk."""
+    from catflax.main import generated_data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert generated_data_dir("gs://bucket/run") == str(tmp_path / "home" / "catflax-data")
+    assert generated_data_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "data")
+
+
+def test_synthetic_data_generated_into_an_object_store_is_built_locally_and_copied(fake_gcs):
+    import tensorflow_datasets as tfds
+
+    from catflax.data import builders, sources
+
+    del builders  # registers the builders
+    sources._prepare("synthetic_shapes/tiny", "gs://bucket/data")
+    assert tfds.builder("synthetic_shapes/tiny", data_dir="gs://bucket/data").is_prepared()
+    built = fake_gcs / "bucket" / "data" / "synthetic_shapes" / "tiny"
+    assert any(p.name.startswith("synthetic_shapes-train.array_record") for p in built.rglob("*"))

@@ -82,12 +82,19 @@ def _prepare_synthetic_once(name: str, data_dir: str | None) -> None:
 
 
 def _prepare(name: str, data_dir: str | None):
-    """Generates `name` if missing; tolerates a process on this host finishing it first."""
+    """Generates `name` if missing; tolerates a process on this host finishing it first. On an
+    object store (gs://), builds on local disk and copies it up (TFDS's ArrayRecord writer
+    writes local files only)."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
+    if data_dir and "://" in data_dir:
+        from catflax.data import prepare
+
+        prepare.prepare(name, data_dir)
+        return tfds.builder(name, data_dir=data_dir)
     try:
         builder.download_and_prepare()
     except FileExistsError:  # TFDS renames its finished copy into place; another was first
