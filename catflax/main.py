@@ -45,10 +45,12 @@ def train_and_evaluate(config, workdir: str) -> None:
     import jax
 
     from catflax import distributed, sharding
+    from catflax.weights import pretrained
 
     report_sizes(config)
     if config.dry_run:
         return
+    pretrained.check_training_weights(config.weights)
     mesh = sharding.make_mesh(dict(config.mesh))
     distributed.log_mesh(mesh)
     if jax.process_index() == 0:  # the run's config, for catflax.export

@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     # runs without pretrained weights (the demo): a random frozen VAE cannot decode colours.
     config.weights.pooling_vae = False
     config.weights.allow_pickle = False  # True: .ckpt/.bin pickles may load (torch needed)
+    # True: the frozen CLIP towers / VAE may stay at random initialisation (the demo, tests);
+    # False: training refuses to start without weights for them.
+    config.weights.random_frozen = False
     # ------------------------------------------------------------------ data (SPEC.md §4)
     # Built with `python -m catflax.data.prepare`; read by catflax.data.pipeline.from_config.
     # Data order and augmentation are seeded by config.seed; the training batch per process

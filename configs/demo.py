@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     unet.layers_per_block, unet.num_heads, unet.norm_num_groups = 1, 2, 8
     unet.cross_attention_dim, unet.ref_dim = text.hidden_size, vision.hidden_size
     data = config.data  # generated shapes (built on first use), 64 px; CLIP side follows vision
-    data.data_dir = ""  # "" = WORKDIR/data
+    data.data_dir = ""  # "" = WORKDIR/data (each host's ~/catflax-data for a gs:// workdir)
     data.train_mixture = data.eval_mixture = "synthetic_shapes"
     data.resolution, data.eval_batch_size, data.num_workers = 64, 8, 0
     vae = config.model.vae  # still f=8 (4 levels), the narrowest widths pooling_vae takes
@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Frozen parts start random, but a random frozen VAE cannot decode colours: this one averages
     # 8x8 pixel blocks into latents and copies them back (catflax/weights/pooling_vae.py).
     config.weights.pooling_vae = True
+    config.weights.random_frozen = True  # random CLIP towers, on purpose
     config.mesh.data = -1  # all local devices on the batch
     config.train.batch_size = 16
     config.train.log_every = 50

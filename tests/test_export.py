@@ -240,6 +240,29 @@ def test_reference_export_loads_with_the_official_layout_loader(run, final, tmp_
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+def test_an_official_checkpoint_loads_as_weights_cat_for_fine_tuning(run, final, tmp_path):
+    """config.weights.cat (the reference-format export stands in for the official file) gives
+    every part; a file that is not a CAT-Diffusion checkpoint is refused before any part loads."""
+    workdir, config, _, _ = run
+    model = final[0]
+    assert export.main([f"--workdir={workdir}", f"--out={tmp_path}", "--format=reference"]) == 0
+    path = str(tmp_path / export.REFERENCE_FILE)
+    tuned = config.copy_and_resolve_references()
+    tuned.weights.cat, tuned.weights.clip, tuned.weights.sd = path, "", ""
+    _, params, shardings = export._abstract_params(tuned, export.export_mesh())
+    notes = loop.load_pretrained(tuned, params, shardings)
+    assert notes == [f"every part from the CAT-Diffusion checkpoint {path}"]
+    assert_same(params, nnx.state(model, nnx.Param))
+
+    state = io.read_safetensors(path)
+    sd_only = {k: v for k, v in state.items() if not k.startswith("fusion_model.")}
+    io.write_safetensors(str(tmp_path / "sd.safetensors"), sd_only)
+    tuned.weights.cat = str(tmp_path / "sd.safetensors")
+    _, params, shardings = export._abstract_params(tuned, export.export_mesh())
+    with pytest.raises(io.WeightFileError, match=r"sd\.safetensors: not a CAT-Diffusion"):
+        loop.load_pretrained(tuned, params, shardings)
+
+
 def test_diffusers_export_loads_in_diffusers_and_transformers(run, final, tmp_path):
     _, config, _, _ = run
     model, out = final[0], str(tmp_path)

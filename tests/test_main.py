@@ -53,3 +53,14 @@ def test_clip_normalize_uses_clip_mean_and_std():
     np.testing.assert_allclose(
         preprocess.clip_normalize(jnp.asarray(images)), (images / 255 - mean) / std, atol=1e-6
     )
+
+
+def test_training_refuses_random_frozen_parts_unless_asked(tmp_path):
+    """CLIP and the VAE never train: without weights for them a run would use random features
+    throughout, so it stops before anything compiles (the demo opts in)."""
+    result = run_main(tmp_path, "--config.weights.random_frozen=False")
+    assert result.returncode != 0
+    assert "bad config" in result.stderr and "weights.clip" in result.stderr
+    assert "the VAE" not in result.stderr  # the demo's pooling VAE is given
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "1a").exists()

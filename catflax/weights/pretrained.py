@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import jax
+from absl import logging
 from flax import nnx
 
-from catflax.models.cat import CATConfig
+from catflax.models.cat import CATConfig, ConfigError
+from catflax.weights import io
 
 
 def _placer(shardings, part: str):
@@ -18,9 +20,11 @@ def _params(model) -> nnx.State:
 
 def load_into(params: nnx.State, shardings, config) -> list[str]:
     """Replaces parts of `params` (a CATDiffusion parameter state) by the weights that
-    config.weights names; returns one note per part loaded. Empty paths keep the random init.
+    config.weights names; returns one note per part loaded. Empty paths keep the random init
+    (`check_training_weights` says where training should not start from it).
 
-    - weights.cat:  an official CAT-Diffusion checkpoint (every part but the tokenizer);
+    - weights.cat:  an official CAT-Diffusion checkpoint (every part but the tokenizer; the
+                    CLIP towers from weights.clip instead where that is given);
     - weights.clip: a transformers CLIP directory (text and vision towers);
     - weights.sd:   SD-1.5-inpainting (diffusers directory or LDM file): UNet and VAE, the
                     reference adapter freshly initialised as stage 1b starts (SPEC.md §2).
@@ -38,31 +42,27 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
     if w.get("cat", ""):
         state = ldm.read_checkpoint(w.cat, allow_pickle)
         fusion = ldm.split_checkpoint(state)["fusion_model"]
-        params["unet"] = _params(
-            ldm.load_unet(state, cfg.unet, source_name=w.cat, place=_placer(shardings, "unet"))[0]
-        )
-        params["vae"] = _params(
-            ldm.load_vae(state, cfg.vae, source_name=w.cat, place=_placer(shardings, "vae"))[0]
-        )
-        params["clip_text"] = _params(
-            ldm.load_clip_text(
-                state, cfg.clip_text, source_name=w.cat, place=_placer(shardings, "clip_text")
+        if not fusion:  # e.g. an SD-1.5 file: refused before anything loads
+            raise io.WeightFileError(
+                f"weights.cat={w.cat}: not a CAT-Diffusion checkpoint (no fusion_model.* keys)"
             )
-        )
-        params["clip_vision"] = _params(
-            ldm.load_clip_vision(
-                state, cfg.clip_vision, source_name=w.cat, place=_placer(shardings, "clip_vision")
-            )
-        )
+        src = dict(source_name=w.cat)
         params["inpainter"] = _params(
             SemanticInpainter.from_state_dict(
-                fusion,
-                cfg.inpainter,
-                prefix="",
-                source_name=w.cat,
-                place=_placer(shardings, "inpainter"),
+                fusion, cfg.inpainter, prefix="", place=_placer(shardings, "inpainter"), **src
             )
         )
+        unet = ldm.load_unet(state, cfg.unet, place=_placer(shardings, "unet"), **src)[0]
+        vae = ldm.load_vae(state, cfg.vae, place=_placer(shardings, "vae"), **src)[0]
+        params["unet"], params["vae"] = _params(unet), _params(vae)
+        if not w.clip:  # weights.clip, where given, supplies the towers instead
+            text = ldm.load_clip_text(
+                state, cfg.clip_text, place=_placer(shardings, "clip_text"), **src
+            )
+            vision = ldm.load_clip_vision(
+                state, cfg.clip_vision, place=_placer(shardings, "clip_vision"), **src
+            )
+            params["clip_text"], params["clip_vision"] = _params(text), _params(vision)
         notes.append(f"every part from the CAT-Diffusion checkpoint {w.cat}")
     if w.clip:
         towers = (
@@ -94,3 +94,26 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
         params["vae"] = nnx.map_state(lambda p, v: v.replace(place(p, arrays[p])), params["vae"])
         notes.append("VAE: the hand-set average-pool / upsample autoencoder (pooling_vae)")
     return notes
+
+
+def check_training_weights(w) -> None:
+    """Before training: the CLIP towers and the VAE are frozen in every stage, so left at random
+    initialisation they stay random, which only tests and the demo want
+    (`weights.random_frozen`); a UNet without SD weights trains from scratch (a warning)."""
+    if not (w.get("cat", "") or w.sd or w.get("random_frozen", False)):
+        logging.warning(
+            "the UNet starts from random initialisation: config.weights.sd (SD-1.5-inpainting) "
+            "and config.weights.cat are empty"
+        )
+    missing = []
+    if not (w.get("cat", "") or w.clip):
+        missing.append("the CLIP text and vision towers (weights.clip or weights.cat)")
+    if not (w.get("cat", "") or w.sd or w.get("pooling_vae", False)):
+        missing.append("the VAE (weights.sd, weights.cat or weights.pooling_vae)")
+    if missing and not w.get("random_frozen", False):
+        raise ConfigError(
+            f"config.weights gives no weights for {' or '.join(missing)}; these parts are frozen, "
+            "so they would stay at random initialisation for the whole run. Name the weights "
+            "(e.g. --config.weights.clip=DIR --config.weights.sd=DIR), or set "
+            "--config.weights.random_frozen=True to train with random frozen parts on purpose"
+        )
