@@ -4,6 +4,7 @@ against a PyTorch block written here, adapter initialisation on load, full-size 
 import dataclasses
 import json
 import math
+import os
 
 import diffusers
 import jax
@@ -107,6 +108,31 @@ def test_unet_matches_diffusers_directory(tiny_unet):
     direct = UNet.from_pretrained(str(root / "unet"), ref_adapter=False)
     out = forward(direct, x[::-1], t[::-1], context[::-1])
     np.testing.assert_allclose(out, ref[::-1], atol=1e-4)
+
+
+def test_fp16_variant_files_load_single_and_sharded(tiny_unet, tmp_path):
+    """diffusers' `save_pretrained(variant="fp16")`, as SD checkpoints are often shipped: one
+    file, or shards with an index; several variants and no plain file must be chosen between."""
+    from catflax.weights import io
+
+    torch_model, _ = tiny_unet
+    half = diffusers.UNet2DConditionModel(**TINY).eval()
+    half.load_state_dict(torch_model.state_dict())
+    half.half().save_pretrained(tmp_path / "single", variant="fp16")
+    half.save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="100KB")
+    assert any("fp16-00002-of" in name for name in os.listdir(tmp_path / "sharded"))
+    want = {k: v.float().numpy() for k, v in half.state_dict().items()}
+    for folder in ("single", "sharded"):
+        state = io.read_state_dict(str(tmp_path / folder))
+        assert state.keys() == want.keys() and all(v.dtype == np.float16 for v in state.values())
+        model = UNet.from_pretrained(str(tmp_path / folder), ref_adapter=False)
+        kernel = np.asarray(model.conv_in.kernel.get_value())
+        assert kernel.dtype == np.float32
+        np.testing.assert_array_equal(kernel, want["conv_in.weight"].transpose(2, 3, 1, 0))
+    half.save_pretrained(tmp_path / "single", variant="ema")
+    with pytest.raises(io.WeightFileError, match=r"variants \['ema', 'fp16'\]: name one"):
+        io.read_state_dict(str(tmp_path / "single"))
+    assert io.read_state_dict(str(tmp_path / "single"), variant="ema").keys() == want.keys()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -95,12 +96,44 @@ def read_pickle(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def find_weight_file(directory: str, allow_pickle: bool = False) -> list[str]:
-    """The weight files of a model directory: one safetensors file, a sharded set, or a pickle."""
-    for name in SAFETENSORS_NAMES:
+def _variant_names(variant: str | None) -> tuple[list[str], list[str], list[str]]:
+    """(single safetensors, sharded indexes, pickles) file names, diffusers/transformers style:
+    `model.fp16.safetensors`, `model.safetensors.index.fp16.json`, `pytorch_model.fp16.bin`."""
+    if not variant:
+        return list(SAFETENSORS_NAMES), list(SAFETENSORS_INDEX_NAMES), list(PICKLE_NAMES)
+    add = lambda name, ext: f"{name.removesuffix(ext)}.{variant}{ext}"  # noqa: E731
+    return (
+        [add(n, ".safetensors") for n in SAFETENSORS_NAMES],
+        [add(n, ".json") for n in SAFETENSORS_INDEX_NAMES],
+        [add(n, ".bin") for n in PICKLE_NAMES],
+    )
+
+
+_VARIANT_FILE = re.compile(
+    r"(?:model|diffusion_pytorch_model|pytorch_model)"
+    r"(?:\.(\w+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|\.safetensors\.index\.(\w+)\.json)"
+)
+
+
+def weight_variants(directory: str) -> list[str]:
+    """Variants (`fp16`, `ema`, ...) of which `directory` holds weight files."""
+    found = {m.group(1) or m.group(2) for m in map(_VARIANT_FILE.fullmatch, os.listdir(directory))
+             if m}  # fmt: skip
+    return sorted(found)
+
+
+def find_weight_file(
+    directory: str, allow_pickle: bool = False, variant: str | None = None
+) -> list[str]:
+    """The weight files of a model directory: one safetensors file, a sharded set, or a pickle.
+
+    `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`; without one, the plain
+    files, else the one variant the directory has (several: an error naming them)."""
+    singles, indexes, pickles = _variant_names(variant)
+    for name in singles:
         if os.path.isfile(os.path.join(directory, name)):
             return [os.path.join(directory, name)]
-    for name in SAFETENSORS_INDEX_NAMES:
+    for name in indexes:
         index_path = os.path.join(directory, name)
         if os.path.isfile(index_path):
             with open(index_path) as f:
@@ -109,7 +142,7 @@ def find_weight_file(directory: str, allow_pickle: bool = False) -> list[str]:
             if missing:
                 raise WeightFileError(f"{index_path}: shard files missing: {missing}")
             return [os.path.join(directory, s) for s in shards]
-    for name in PICKLE_NAMES:
+    for name in pickles:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             if not allow_pickle:
@@ -118,17 +151,28 @@ def find_weight_file(directory: str, allow_pickle: bool = False) -> list[str]:
                     "they load only with allow_pickle=True (and torch installed)"
                 )
             return [path]
+    variants = weight_variants(directory)
+    if not variant and len(variants) == 1:
+        return find_weight_file(directory, allow_pickle, variants[0])
+    present = sorted(os.listdir(directory))
+    hint = (
+        f"; it has the variants {variants}: name one" if len(variants) > 1 and not variant else ""
+    )
     raise WeightFileError(
-        f"{directory}: no weights found (looked for {', '.join(SAFETENSORS_NAMES)}, a sharded "
-        f"index, or {', '.join(PICKLE_NAMES)})"
+        f"{directory}: no weights found (looked for {', '.join(singles)}, a sharded index "
+        f"({', '.join(indexes)}), or {', '.join(pickles)}){hint}; the directory holds "
+        f"{present[:20]}{' ...' if len(present) > 20 else ''}"
     )
 
 
-def read_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Reads a model directory or a single weight file into a flat {name: array} dict."""
+def read_state_dict(
+    path: str, allow_pickle: bool = False, variant: str | None = None
+) -> dict[str, np.ndarray]:
+    """Reads a model directory (its `variant` files, see find_weight_file) or a single weight
+    file into a flat {name: array} dict."""
     if not os.path.exists(path):
         raise WeightFileError(f"{path}: no such file or directory")
-    files = find_weight_file(path, allow_pickle) if os.path.isdir(path) else [path]
+    files = find_weight_file(path, allow_pickle, variant) if os.path.isdir(path) else [path]
     state: dict[str, np.ndarray] = {}
     for file in files:
         if file.endswith(PICKLE_SUFFIXES):
