@@ -290,8 +290,16 @@ def test_diffusers_export_loads_in_diffusers_and_transformers(run, final, tmp_pa
     err = float(np.abs(ours - ref).max())
     print(f"diffusers UNet (adapter off) vs ours: max abs error {err:.2e}")
     assert err < 1e-4 and np.abs(ref).mean() > 1e-2
-    # ... and with the adapter file beside it, our loader gives back every UNet parameter.
+    # ... and with the adapter file beside it, our loader gives back every UNet parameter, in
+    # the stored dtype.
     assert_same(nnx.state(diffusers_export.load_unet_with_adapter(out)), nnx.state(model.unet))
+    half = str(tmp_path / "bf16")
+    export.write_diffusers(model, half, **writer_args(config, "bfloat16"))
+    assert_same(
+        nnx.state(diffusers_export.load_unet_with_adapter(half)),
+        nnx.state(model.unet),
+        dtype=jnp.bfloat16,
+    )
 
     # Text encoder: transformers' CLIPTextModel; same output as ours.
     text, info = transformers.CLIPTextModel.from_pretrained(

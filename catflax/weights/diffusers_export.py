@@ -159,7 +159,7 @@ def write_diffusers_dirs(model, out: str, *, tokenizer, resolution: int, samplin
     parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": {p: dataclasses.asdict(getattr(cfg, p)) for p in parts},
+        "model": {p: {**dataclasses.asdict(getattr(cfg, p)), "param_dtype": dtype} for p in parts},
         "resolution": resolution, "sampling": dict(sampling),
         "files": {"adapter": ADAPTER_FILE if adapter else None, "inpainter": INPAINTER_FILE},
     }  # fmt: skip
