@@ -6,9 +6,12 @@
 
 The step is the trainer's own (`catflax.train.steps.jit_step`: explicit shardings, state
 donated) on random weights and a random batch of the pipeline's shapes, on a mesh over all
-devices from `config.mesh`. FLOPs come from the compiled step's cost analysis (per device; with
-remat on they include the recomputation, so "mfu" is then hardware utilisation); MFU divides
-them by the median step time and `--peak_flops` (per device; default
+devices from `config.mesh`. FLOPs per device are the whole step's (XLA's cost analysis before
+partitioning, every attention traced as `xla`: `catflax.train.steps.model_flops_per_device`)
+over the device count; with remat on they include the recomputation, so "mfu" is then hardware
+utilisation. "compiled_gflop_per_device" is the compiled program's own count, which misses work
+in loops (`chunked` attention) and kernel custom calls (cuDNN, splash). MFU divides the FLOPs by
+the median step time and `--peak_flops` (per device; default
 `config.train.peak_flops_per_device`). Compile time is reported separately; "recompilations"
 counts compilations of the step while the steps ran (jax_log_compiles; 0 is right).
 """
@@ -30,7 +33,7 @@ from ml_collections import config_flags
 from bench import common
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig
-from catflax.train.steps import create_state, jit_step
+from catflax.train.steps import create_state, jit_step, model_flops_per_device
 
 FLAGS: dict = {}  # set by define_flags() when run as a script
 
@@ -62,6 +65,9 @@ def run(
         start = time.perf_counter()
         compiled = step_fn.lower(state, setup.frozen, batch).compile()
         compile_s = time.perf_counter() - start
+        flops = model_flops_per_device(
+            setup.graphdef, setup.tx, setup.step_cfg, state, setup.frozen, batch
+        )
         holder = {"state": state}
 
         def one_step(holder=holder, step_fn=step_fn, frozen=setup.frozen):
@@ -73,10 +79,10 @@ def run(
         with common.compile_events() as compiled_names:
             times = common.time_calls(one_step, steps, warmup)
         step_s = common.summary(times)["median_s"]
-        flops = common.compiled_flops(compiled)
         results[stage] = dict(
             compile_s=compile_s, step_s=step_s, step_s_mean=common.summary(times)["mean_s"],
             examples_per_s=batch_size / step_s, gflop_per_device=flops / 1e9,
+            compiled_gflop_per_device=common.compiled_flops(compiled) / 1e9,
             mfu=flops / step_s / peak_flops if peak_flops else None,
             loss=float(one_step()), recompilations=compiled_names.count("jit(train_step)"),
             memory=common.memory_stats(compiled),

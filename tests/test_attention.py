@@ -305,3 +305,38 @@ def test_cudnn_equals_xla_on_gpu(T, S, causal):  # pragma: no cover - only on GP
     np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), atol=5e-2)
+
+
+def test_flops_are_counted_with_every_attention_traced_as_xla():
+    """XLA's cost analysis counts `chunked`'s query-block loop body once (and kernel custom
+    calls not at all); under traced_as_xla a step's FLOPs are the same whatever the attention."""
+    q = jax.ShapeDtypeStruct((2, 1024, 2, 32), jnp.float32)
+
+    def flops(implementation):
+        fn = jax.jit(
+            lambda q, k, v: attention_lib.dot_product_attention(
+                q, k, v, implementation=implementation
+            )
+        )
+        return fn.lower(q, q, q).cost_analysis()["flops"]
+
+    xla = flops("xla")
+    assert xla >= 2 * 2 * (2 * 1024 * 1024 * 32) * 2  # QK^T and PV, 2 flops a multiply-add
+    assert flops("chunked") < 0.5 * xla  # one of four query blocks
+    with attention_lib.traced_as_xla():
+        assert flops("chunked") == xla
+    assert flops("chunked") < 0.5 * xla  # only inside the block
+
+    from catflax.train.steps import model_flops_per_device
+
+    counts = {}
+    for implementation in ("xla", "chunked"):
+        graphdef, trainable, frozen, tx, step_cfg = split_for(
+            "2b", cfg=with_attention(TINY_CAT, implementation)
+        )
+        state = create_state(trainable, tx, jax.random.key(0), ema=False)
+        batch = {k: jnp.asarray(v) for k, v in random_batch(2).items()}
+        counts[implementation] = model_flops_per_device(
+            graphdef, tx, step_cfg, state, frozen, batch
+        )
+    assert counts["xla"] > 0 and counts["chunked"] == counts["xla"]

@@ -128,3 +128,17 @@ def test_synthetic_data_generated_into_an_object_store_is_built_locally_and_copi
     assert tfds.builder("synthetic_shapes/tiny", data_dir="gs://bucket/data").is_prepared()
     built = fake_gcs / "bucket" / "data" / "synthetic_shapes" / "tiny"
     assert any(p.name.startswith("synthetic_shapes-train.array_record") for p in built.rglob("*"))
+
+
+def test_mfu_divides_per_device_flops_by_one_device_peak(tmp_path, monkeypatch):
+    """The step's FLOPs are per device (model_flops_per_device): MFU is flops / time / peak."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.train.peak_flops_per_device = 1e12
+    writer = MetricWriter(str(tmp_path / "tensorboard"), total_steps=10, stage="2b")
+    metrics = {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(2.0)}
+    monkeypatch.setattr(loop.time, "time", lambda: 102.0)
+    values = loop._report((3, metrics, 0), writer, config, config.stage_2b, 16, 5e11, 100.0)
+    writer.close()
+    assert values["step_time_s"] == 2.0 and values["mfu"] == pytest.approx(0.25)

@@ -3,6 +3,8 @@ and Pallas splash (catflax.models.splash). `dot_product_attention` picks one by 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -14,6 +16,21 @@ from absl import logging
 from catflax.models.splash import splash_attention
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "splash")
+_TRACE_AS_XLA = contextvars.ContextVar("catflax_trace_attention_as_xla", default=False)
+
+
+@contextlib.contextmanager
+def traced_as_xla():
+    """Inside, every attention traces as `xla`, whatever its module asks: for counting FLOPs
+    (XLA's cost analysis counts a loop body such as `chunked`'s once, and a kernel custom call
+    such as cuDNN's or splash's not at all)."""
+    token = _TRACE_AS_XLA.set(True)
+    try:
+        yield
+    finally:
+        _TRACE_AS_XLA.reset(token)
+
+
 # What jax.nn.dot_product_attention puts on disallowed logits (a fully masked row stays finite).
 _MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -45,6 +62,8 @@ def dot_product_attention(
         raise ValueError(
             f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}"
         )
+    if _TRACE_AS_XLA.get():
+        implementation = "xla"
     if implementation == "chunked":
         return _chunked_attention(
             query_BTNH, key_BSNH, value_BSNH, mask, is_causal, query_chunk_size, key_chunk_size

@@ -38,6 +38,7 @@ from catflax.train.steps import (
     create_sharded_state,
     jit_step,
     jit_validation,
+    model_flops_per_device,
     sharding_of,
 )
 
@@ -222,9 +223,9 @@ def run_stage(
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     step_fn = jit_step(graphdef, tx, step_cfg, state_sh, frozen_sh, batch_sh)
     compiled = step_fn.lower(state, frozen, batch).compile()
-    flops = _flops(compiled)
-    logging.info("stage %s: compiled step, %.3g GFLOP/step, memory %s", stage, flops / 1e9,
-                 _memory(compiled))  # fmt: skip
+    flops = model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch)
+    logging.info("stage %s: compiled step, %.3g GFLOP/step/device, memory %s", stage,
+                 flops / 1e9, _memory(compiled))  # fmt: skip
 
     validation = jit_validation(graphdef, step_cfg) if plateau_every else None
 
@@ -309,7 +310,7 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[s
         step_time_s=dt, examples_per_s=global_batch / dt,
         lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)) * scale,
         lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)) * scale,
-        mfu=flops / dt / (config.train.peak_flops_per_device * jax.device_count()),
+        mfu=flops / dt / config.train.peak_flops_per_device,  # flops: per device
     )  # fmt: skip
     console = step % config.train.log_every == 0 or step == scfg.steps
     if console:  # every process skips its own records: summed over them (a host collective)
@@ -365,17 +366,13 @@ def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
     return state.replace(opt_state=optim.with_plateau_state(state.opt_state, new))
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
-
-
 def _memory(compiled) -> str:
     try:
         m = compiled.memory_analysis()
-        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        total = (
+            m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes  # the donated state is both an argument and an output
+        )  # fmt: skip
         return f"{total / 2**30:.2f} GiB per device"
     except Exception:  # not every backend reports it
         return "n/a"

@@ -141,6 +141,21 @@ def jit_step(graphdef, tx, cfg: StepConfig, state_sharding, frozen_sharding, bat
     )
 
 
+def model_flops_per_device(graphdef, tx, cfg: StepConfig, state, frozen, batch) -> float:
+    """FLOPs of one training step, whole batch, divided by the device count: XLA's cost
+    analysis of the step before partitioning, with every attention traced as `xla` (the
+    compiled program's own count misses what runs in loops or kernel custom calls). Remat's
+    recomputation, where on, is included."""
+    from catflax.models.attention import traced_as_xla
+
+    with traced_as_xla():  # a new jit object: nothing traced outside this block is reused
+        fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg))
+        cost = fn.lower(state, frozen, batch).cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0)) / jax.device_count()
+
+
 def validation_loss(
     params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
     graphdef: nnx.GraphDef, cfg: StepConfig,
