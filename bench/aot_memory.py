@@ -12,7 +12,8 @@ is lowered from `jax.ShapeDtypeStruct`s carrying NamedShardings (parameters from
 parameters, the batch over data x fsdp) and compiled; `memory_analysis()` gives per-device
 argument / temporary / output bytes, `cost_analysis()` per-device FLOPs. These are XLA:CPU's
 numbers: TPU and GPU compilers schedule and fuse differently, so temporaries there differ
-(arguments, i.e. parameters + optimiser state + batch shards, are exact everywhere).
+(arguments, i.e. parameters + optimiser state + batch shards, hold everywhere up to layout
+padding).
 
 Mesh: `--fsdp` sizes (data takes the remaining devices; "all" = every device on fsdp).
 Variants: fp32 (the reference's precision, no remat), bf16 (bf16 compute, fp32 parameters),

@@ -12,8 +12,10 @@ over the device count; with remat on they include the recomputation, so "mfu" is
 utilisation. "compiled_gflop_per_device" is the compiled program's own count, which misses work
 in loops (`chunked` attention) and kernel custom calls (cuDNN, splash). MFU divides the FLOPs by
 the median step time and `--peak_flops` (per device; default
-`config.train.peak_flops_per_device`). Compile time is reported separately; "recompilations"
-counts compilations of the step while the steps ran (jax_log_compiles; 0 is right).
+`config.train.peak_flops_per_device`, else the device kind's bf16 peak from
+`catflax.train.metrics.PEAK_BF16_FLOPS`; none known: no MFU). Compile time is reported
+separately; "recompilations" counts compilations of the step during the warm-up and timed steps
+(jax_log_compiles; 0 is right).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ml_collections import config_flags
 from bench import common
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig
+from catflax.train.metrics import peak_flops_per_device
 from catflax.train.steps import create_state, jit_step, model_flops_per_device
 
 FLAGS: dict = {}  # set by define_flags() when run as a script
@@ -129,7 +132,9 @@ def main(argv) -> None:
         stage_names=FLAGS["stages"].value,
         steps=FLAGS["steps"].value,
         warmup=FLAGS["warmup"].value,
-        peak_flops=FLAGS["peak_flops"].value or config.train.peak_flops_per_device,
+        peak_flops=peak_flops_per_device(
+            FLAGS["peak_flops"].value or config.train.peak_flops_per_device
+        ),
     )
 
 
@@ -146,7 +151,7 @@ def define_flags() -> None:
     FLAGS["steps"] = flags.DEFINE_integer("steps", 10, "Timed steps per stage.")
     FLAGS["warmup"] = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
     FLAGS["peak_flops"] = flags.DEFINE_float(
-        "peak_flops", None, "Peak FLOP/s per device (default: config)."
+        "peak_flops", None, "Peak FLOP/s per device (default: config, else the device's bf16 peak)."
     )
 
 

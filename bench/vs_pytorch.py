@@ -20,6 +20,10 @@ Variants change our compute dtype / remat only (parameters stay fp32):
                 FlashAttention's backward (catflax.models.attention)
 Combine with "+", e.g. chunked+bf16_towers. The "xla" attention every variant uses otherwise is
 already catflax's heads-major layout, not jax.nn.dot_product_attention's.
+Conditioning dropout is off on both sides by default (`--cond_dropout=0.1` is the reference's).
+The reference's LDM UNet also recomputes every block in its backward (`use_checkpoint: True`);
+the PyTorch side here does not, so it is faster than the reference itself: our `remat` variant
+is the like-for-like comparison with the reference, plain ours with this PyTorch side.
 The UNet has 2 heads, so that its head sizes (32, 64, 128) are near SD-1.5's (40, 80, 160) at
 1/5 of its width; `--unet_heads=8` keeps SD's head count instead (head sizes 8, 16, 32).
 """
@@ -200,7 +204,10 @@ def compile_ours(cfg, variant, params, config, shardings, mesh, batch, u_inp, se
     return ours_step, ours_unet, compile_s, common.compiled_flops(compiled)
 
 
-def run(cfg: CATConfig, batch_size: int, resolution: int, steps: int, variants, seed: int = 0):
+def run(
+    cfg: CATConfig, batch_size: int, resolution: int, steps: int, variants, seed: int = 0,
+    cond_dropout: float = 0.0,
+):  # fmt: skip
     """Times both steps (and the UNet alone) per variant; returns the record (also printed)."""
     torch.manual_seed(seed)
     load = os.getloadavg()  # other processes on the machine skew timings: recorded
@@ -208,6 +215,7 @@ def run(cfg: CATConfig, batch_size: int, resolution: int, steps: int, variants, 
     with tempfile.TemporaryDirectory() as workdir:
         tm, cfg, params = shared_weights(cfg, workdir, seed)
     config = bench_config(cfg)
+    config.train.cond_dropout = cond_dropout  # 0: the same work on both sides every step
     host = common.random_batch(cfg, batch_size, resolution, seed=seed)
     batch = sharding_lib.global_batch(host, mesh)
     abstract = abstract_module(lambda rngs: CATDiffusion(cfg, rngs=rngs))
@@ -267,7 +275,8 @@ def run(cfg: CATConfig, batch_size: int, resolution: int, steps: int, variants, 
     record = dict(
         benchmark="vs_pytorch", **common.machine(), torch=torch.__version__,
         torch_threads=torch.get_num_threads(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-        batch_size=batch_size, resolution=resolution, steps=steps, load_avg=[load, os.getloadavg()],
+        batch_size=batch_size, resolution=resolution, steps=steps, cond_dropout=cond_dropout,
+        load_avg=[load, os.getloadavg()],
         params=dict(unet=ref.param_count(tm.unet), inpainter=ref.param_count(tm.inpainter),
                     clip_text=ref.param_count(tm.text), clip_vision=ref.param_count(tm.vision),
                     vae=ref.param_count(tm.vae)),
@@ -300,12 +309,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", default="fp32", help="comma-separated, see above")
     parser.add_argument("--unet_heads", type=int, default=BENCH_CAT.unet.num_heads)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cond_dropout", type=float, default=0.0,
+        help="conditioning dropout of both sides (the reference trains with 0.1; a dropped "
+        "PyTorch step skips the inpainter's backward, so 0 keeps each step's work equal)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cfg = dataclasses.replace(
         BENCH_CAT, unet=dataclasses.replace(BENCH_CAT.unet, num_heads=args.unet_heads)
     )
     return run(cfg, args.batch_size, args.resolution, args.steps, args.variants.split(","),
-               args.seed)  # fmt: skip
+               args.seed, args.cond_dropout)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000  # steps between checkpoints (and at stage end)
     config.train.keep_checkpoints = 2  # checkpoints kept per stage
     config.train.sample_every = 0  # steps between sample grids; 0: stage end only; -1: never
-    config.train.peak_flops_per_device = 989e12  # for MFU: H100 SXM bf16 dense; v5p 459e12
+    # For MFU: peak FLOP/s per device; 0 = the known bf16 peak of the device kind (H100 989e12,
+    # v5e 197e12, v5p 459e12, ...: catflax.train.metrics.PEAK_BF16_FLOPS), else no MFU.
+    config.train.peak_flops_per_device = 0.0
     for name, lr_fast, lr_slow in (("1a", 1e-4, 0.0), ("1b", 1e-4, 1e-5),
                                    ("2a", 1e-4, 0.0), ("2b", 1e-4, 1e-5)):  # fmt: skip
         stage = ml_collections.ConfigDict()

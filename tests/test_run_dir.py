@@ -142,3 +142,14 @@ def test_mfu_divides_per_device_flops_by_one_device_peak(tmp_path, monkeypatch):
     values = loop._report((3, metrics, 0), writer, config, config.stage_2b, 16, 5e11, 100.0)
     writer.close()
     assert values["step_time_s"] == 2.0 and values["mfu"] == pytest.approx(0.25)
+
+
+def test_peak_flops_come_from_the_config_or_the_device_kind():
+    from catflax.train.metrics import peak_flops_per_device
+
+    assert peak_flops_per_device(3e12, "NVIDIA H100 80GB HBM3") == 3e12
+    assert peak_flops_per_device(0, "NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_per_device(0, "NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_per_device(0, "TPU v5 lite") == 197e12
+    assert peak_flops_per_device(0, "TPU v5") == 459e12
+    assert peak_flops_per_device(0, "cpu") == 0.0

@@ -30,7 +30,7 @@ from catflax.models.rngs import abstract_module
 from catflax.models.rngs import rngs as model_rngs
 from catflax.train import optim, stages
 from catflax.train.checkpoint import Checkpointer
-from catflax.train.metrics import MetricWriter
+from catflax.train.metrics import MetricWriter, peak_flops_per_device
 from catflax.train.samples import write_sample_grid
 from catflax.train.steps import (
     PREEMPT_KEY,
@@ -305,13 +305,15 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[s
                 "checkpoint (the last good checkpoint is kept)"
             )
     dt = max(time.time() - since, 1e-9)
+    peak = peak_flops_per_device(config.train.peak_flops_per_device)
     scale = values.get("lr_scale", 1.0)  # reduce-on-plateau's factor
     values.update(
         step_time_s=dt, examples_per_s=global_batch / dt,
         lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)) * scale,
         lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)) * scale,
-        mfu=flops / dt / config.train.peak_flops_per_device,  # flops: per device
     )  # fmt: skip
+    if peak:  # flops and peak are per device
+        values["mfu"] = flops / dt / peak
     console = step % config.train.log_every == 0 or step == scfg.steps
     if console:  # every process skips its own records: summed over them (a host collective)
         values["skipped_examples"] = float(_sum_over_processes(skipped))

@@ -13,6 +13,22 @@ import jax
 import numpy as np
 from etils import epath
 
+# Dense bf16 peak FLOP/s per JAX device, by `device_kind` substring (first match wins).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("A100", 312e12), ("B200", 2250e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+)  # fmt: skip
+
+
+def peak_flops_per_device(configured: float = 0.0, device_kind: str | None = None) -> float:
+    """`configured` where > 0, else the known bf16 peak of this device kind; 0 if unknown."""
+    if configured > 0:
+        return float(configured)
+    kind = device_kind or jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), 0.0)
+
 
 class MetricWriter:
     """Scalars and images to TensorBoard (tensorboardX) plus a console line with ETA."""
