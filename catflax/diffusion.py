@@ -1,9 +1,11 @@
 """Noise schedule, q_sample, epsilon loss and DDIM sampling with classifier-free guidance.
 
 The schedule is SD-1.5's (SPEC.md §5): 1000 steps, betas linear in sqrt from 0.00085 to 0.012.
-DDIM matches the reference sampler and diffusers' `DDIMScheduler` configured as SD-1.5's
-(`timestep_spacing="leading"`, `steps_offset=1`, `set_alpha_to_one=False`): timesteps
-`k * (1000 // S) + 1` for k = S-1..0, and the last step's alpha_prev is alphas_cumprod[0].
+DDIM is diffusers' `DDIMScheduler` configured as SD-1.5's (`timestep_spacing="leading"`,
+`steps_offset=1`, `set_alpha_to_one=False`): timesteps `k * (1000 // S) + 1` for k = S-1..0,
+and the last step's alpha_prev is alphas_cumprod[0]. That is the reference's sampler exactly
+when S divides 1000 (50, 20, ...); for other S the reference runs extra steps (and fails for
+S > 333), this runs S.
 """
 
 from __future__ import annotations
@@ -171,19 +173,32 @@ def ddim_sample(
 ) -> jax.Array:
     """DDIM from x_T (drawn from `key` unless given) to x_0, one jitted `lax.fori_loop`.
 
+    `key` is one key for the batch, or a (B,) array of keys, one per example: then x_T and the
+    per-step noise (eta > 0) of example b come from key b alone, as in a call with batch 1.
     `model_fn(x_t, t, cond) -> eps` sees a 2B batch (uncond then cond) when `uncond` is given.
     It is a static argument: pass the same callable to reuse the compilation, and do not close
     over large arrays (call this inside your own jit with the model as its argument instead).
     """
     timesteps, alpha_t, alpha_prev = (jnp.asarray(a) for a in ddim_alphas(num_steps, schedule))
-    x = initial_noise(key, shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
+
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)  # else a raw uint32 (.., 2) key
+
+    def per_key(draw, *args):  # draw(key, *args, shape) for the batch, or per example key
+        if key.ndim == (0 if typed else 1):
+            return draw(key, *args, tuple(shape))
+        if key.shape != (shape[0],):
+            raise ValueError(f"ddim_sample: {key.shape[0]} keys for a batch of {shape[0]}")
+        one = (1, *shape[1:])
+        return jax.vmap(lambda k: draw(k, *args, one))(key).reshape(shape)
+
+    x = per_key(initial_noise) if x_T is None else jnp.asarray(x_T, jnp.float32)
     if x.shape != tuple(shape):
         raise ValueError(f"ddim_sample: x_T has shape {x.shape}, expected {tuple(shape)}")
 
     def body(i, x):
         t_B = jnp.full((x.shape[0],), timesteps[i], jnp.int32)
         eps = guided_eps(model_fn, x, t_B, cond, uncond, guidance_scale)
-        noise = step_noise(key, i, x.shape, x.dtype) if eta > 0 else None
+        noise = per_key(step_noise, i).astype(x.dtype) if eta > 0 else None
         x_prev, _ = ddim_step(x, eps, alpha_t[i], alpha_prev[i], eta, noise)
         return x_prev
 

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 
 from absl import app, flags
+from PIL import Image
 
 
 @dataclasses.dataclass
@@ -59,6 +60,10 @@ class Options:
         return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
 
 
+def _define_dtype(name, default, help_, **kwargs):
+    return flags.DEFINE_enum(name, default, ["float32", "bfloat16"], help_, **kwargs)
+
+
 _FLAGS = (  # (define, name, default, help)
     (flags.DEFINE_string, "weights", None, "catflax export directory or CAT checkpoint file"),
     (flags.DEFINE_string, "clip", None, "transformers CLIP directory (tokenizer, missing towers)"),
@@ -69,13 +74,18 @@ _FLAGS = (  # (define, name, default, help)
     (flags.DEFINE_string, "batch", None, "JSONL of {image, mask, prompt, out?} lines"),
     (flags.DEFINE_string, "out_dir", None, "output directory for --batch"),
     (flags.DEFINE_integer, "num_steps", None, "DDIM steps (default: the pipeline's, 50)"),
-    (flags.DEFINE_float, "guidance_scale", None, "classifier-free guidance (default 7.5)"),
-    (flags.DEFINE_float, "eta", None, "DDIM eta (default 0: deterministic)"),
+    (
+        flags.DEFINE_float,
+        "guidance_scale",
+        None,
+        "classifier-free guidance (default: the pipeline's, 7.5)",
+    ),
+    (flags.DEFINE_float, "eta", None, "DDIM eta (default: the pipeline's, 0 = deterministic)"),
     (flags.DEFINE_integer, "seed", 0, "noise seed (--batch: line i uses seed + i)"),
     (flags.DEFINE_bool, "paste_back", True, "keep pixels outside the mask exactly the input's"),
     (flags.DEFINE_float, "feather", 0.0, "blur the paste-back edge over this many pixels"),
     (flags.DEFINE_integer, "batch_size", 1, "examples per model call in --batch mode"),
-    (flags.DEFINE_string, "dtype", "float32", "compute dtype: float32 or bfloat16"),
+    (_define_dtype, "dtype", "float32", "compute dtype"),
     (flags.DEFINE_integer, "resolution", None, "model image side (default: the pipeline's)"),
     (flags.DEFINE_bool, "allow_pickle", False, "allow a pickled .ckpt checkpoint (runs code)"),
 )
@@ -100,8 +110,11 @@ def jobs_from_options(opts: Options) -> list[Job]:
     if opts.weights is None:
         raise ValueError("--weights is required (a catflax export directory or checkpoint file)")
     if opts.batch:
-        if opts.image or opts.mask or opts.out:
-            raise ValueError("--batch replaces --image/--mask/--out; use --out_dir for outputs")
+        if opts.image or opts.mask or opts.out or opts.prompt:
+            raise ValueError(
+                "--batch replaces --image/--mask/--prompt/--out (the JSONL lines give them); "
+                "use --out_dir for outputs"
+            )
         if not opts.out_dir:
             raise ValueError("--batch needs --out_dir")
         jobs = read_jobs(opts.batch, opts.out_dir, opts.seed)
@@ -110,10 +123,17 @@ def jobs_from_options(opts: Options) -> list[Job]:
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or give --batch=FILE.jsonl)")
         jobs = [Job(opts.image, opts.mask, opts.prompt, opts.out, opts.seed)]
+    if opts.feather < 0:
+        raise ValueError(f"--feather={opts.feather}: must be >= 0 (pixels)")
+    writable = Image.registered_extensions()  # what PIL can write, by file extension
     for job in jobs:
         for what, path in (("image", job.image), ("mask", job.mask)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: {what} file not found")
+        if os.path.splitext(job.out)[1].lower() not in writable:
+            raise ValueError(f"{job.out}: output needs an image file extension (.png, .jpg, ...)")
+        if os.path.isdir(job.out):
+            raise ValueError(f"{job.out}: output path is a directory")
     return jobs
 
 
@@ -174,8 +194,11 @@ def run(opts: Options, pipeline=None, report=print) -> list[str]:
         for message in dict.fromkeys(str(w.message) for w in caught):
             report(f"warning: {message}")
         for job, image in zip(chunk, images):
-            os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
-            image.save(job.out)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
+                image.save(job.out)
+            except OSError as e:
+                raise OSError(f"{job.out}: cannot write the output ({e})") from e
             report(f"wrote {job.out} ({image.size[0]}x{image.size[1]})")
             written.append(job.out)
     return written
@@ -189,7 +212,7 @@ def main(argv: Sequence[str]) -> None:
 
     try:
         run(Options.from_flags(flags.FLAGS))
-    except (FileNotFoundError, ImageReadError, WeightFileError, ValueError) as e:
+    except (OSError, ImageReadError, WeightFileError, ValueError) as e:
         sys.exit(f"inpaint: {e}")
 
 

@@ -49,9 +49,8 @@ class SamplingConfig:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "eta", "guided"))
 def _generate(graphdef, state, inputs, guidance_scale, *, num_steps, eta, guided):
-    """(B,R,R,3) uint8 images. Each example's noise comes from its own seed, so an example's
-    result does not depend on the rest of its batch (for eta > 0, ddim_sample draws the
-    per-step noise of the whole batch from the first example's seed)."""
+    """(B,R,R,3) uint8 images. Each example's noise (x_T, masked latents, DDIM's per-step noise
+    for eta > 0) comes from its own seed: its result does not depend on the rest of its batch."""
     model = nnx.merge(graphdef, state)
     keys = jax.vmap(jax.random.key)(inputs["seeds"])
     context, label = model.encode_text(inputs["input_ids"])
@@ -65,7 +64,6 @@ def _generate(graphdef, state, inputs, guidance_scale, *, num_steps, eta, guided
     )
     mask64 = inputs["mask64"]
     B, (h, w, c) = mask64.shape[0], (*mask64.shape[1:3], model.unet.config.out_channels)
-    x_T = jax.vmap(lambda k: diffusion.initial_noise(k, (1, h, w, c)))(keys).reshape(B, h, w, c)
 
     def model_fn(x, t, cond):
         ctx, tok, mask, latents = cond
@@ -77,8 +75,8 @@ def _generate(graphdef, state, inputs, guidance_scale, *, num_steps, eta, guided
         empty_context, _ = model.encode_text(inputs["empty_ids"])
         uncond = (empty_context, jnp.zeros_like(tokens), mask64, masked_latents)
     latents = diffusion.ddim_sample(
-        model_fn, cond, uncond, key=keys[0], shape=(B, h, w, c), num_steps=num_steps,
-        guidance_scale=guidance_scale, eta=eta, x_T=x_T,
+        model_fn, cond, uncond, key=keys, shape=(B, h, w, c), num_steps=num_steps,
+        guidance_scale=guidance_scale, eta=eta,
     )  # fmt: skip
     images = model.decode_latents(latents).astype(jnp.float32)
     return jnp.clip(images * 127.5 + 127.5, 0, 255).astype(jnp.uint8)  # truncated, as the ref
@@ -205,8 +203,7 @@ class CATPipeline:
 
         With `paste_back`, pixels outside the mask are the input's exactly; `feather` > 0 blurs
         the blend mask's edge over that many pixels (pixels farther out stay the input's).
-        Defaults (None) come from `self.sampling` (SPEC.md §6: 50 steps, 7.5, eta 0). With
-        eta > 0 a batch shares its per-step noise, so it no longer equals single calls."""
+        Defaults (None) come from `self.sampling` (SPEC.md §6: 50 steps, 7.5, eta 0)."""
         batched = any(isinstance(x, list | tuple) for x in (image, mask, prompt, seed))
         n = max(len(x) if isinstance(x, list | tuple) else 1 for x in (image, mask, prompt, seed))
         if isinstance(seed, numbers.Integral):

@@ -4,6 +4,7 @@ round trip, the official checkpoint layout, paste-back, seeds, batches and bad i
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -144,6 +145,13 @@ def test_batch_equals_single_calls_and_compiles_once(pipe):
     pipe([b, a], [mb, ma], ["x", "y"], num_steps=STEPS, seed=[9, 1], guidance_scale=5.0)
     pipe(a, ma, "another prompt", num_steps=STEPS, seed=3, guidance_scale=2.0)
     assert pipeline_lib._generate._cache_size() == compiled  # same (batch, steps): no compile
+    # eta > 0: DDIM's per-step noise is per example too.
+    kw = dict(num_steps=STEPS, eta=0.8)
+    singles = [pipe(a, ma, "a red ball", seed=5, **kw), pipe(b, mb, "a green vase", seed=6, **kw)]
+    batch = pipe([a, b], [ma, mb], ["a red ball", "a green vase"], seed=5, **kw)
+    for one, many in zip(singles, batch):
+        np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
+    assert (np.asarray(singles[0]) != np.asarray(pipe(a, ma, "a red ball", seed=5))).any()
 
 
 def test_unconditional_branch_is_empty_prompt_and_zero_tokens(pipe):
@@ -228,6 +236,32 @@ def test_missing_and_unreadable_files_are_named(pipe, saved, tmp_path):
     with pytest.raises(ValueError, match=f"{lines}:2: needs string field"):
         inpaint.run(inpaint.parse([f"--weights={saved}", f"--batch={lines}",
                                    f"--out_dir={tmp_path}"]), pipeline=pipe)  # fmt: skip
+
+
+def test_bad_options_are_refused_before_the_model_loads(tmp_path):
+    """No pipeline is given: each error must come before CATPipeline.from_pretrained."""
+    image, mask = example(37, 29, seed=9)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = [f"--weights={tmp_path / 'absent'}", f"--image={tmp_path / 'in.png'}",
+            f"--mask={tmp_path / 'mask.png'}", "--prompt=a cat"]  # fmt: skip
+    noext, a_dir = tmp_path / "noext", tmp_path.parent / f"{tmp_path.name}.png"
+    a_dir.mkdir()
+    cases = {
+        f"{noext}: output needs an image file extension": [f"--out={noext}"],
+        f"{a_dir}: output path is a directory": [f"--out={a_dir}"],
+        "--feather=-1.0: must be >= 0": [f"--out={tmp_path / 'o.png'}", "--feather=-1"],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            inpaint.run(inpaint.parse([*base, *extra]))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"image": "in.png", "mask": "mask.png", "prompt": "a"}\n')
+    batch = [base[0], "--prompt=x", f"--batch={jobs}", f"--out_dir={tmp_path}"]
+    with pytest.raises(ValueError, match="--batch replaces --image/--mask/--prompt/--out"):
+        inpaint.run(inpaint.parse(batch))
+    with pytest.raises(Exception, match=re.escape("value should be one of <float32|bfloat16>")):
+        inpaint.parse([*base, "--dtype=fp16"])
 
 
 def test_command_line_error_is_one_line(tmp_path):
