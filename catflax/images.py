@@ -50,6 +50,15 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG modes I;16*, or I holding 16-bit values) scaled to 8-bit L; PIL's
+    own conversion clips them to 255."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image, np.float64)
+    return Image.fromarray(np.round(values / 257).clip(0, 255).astype(np.uint8), "L")
+
+
 def load_image(image, name: str = "image") -> tuple[Image.Image, str]:
     """(RGB PIL image, its name): from a PIL image, an array or a path (any mode, converted)."""
     if isinstance(image, str | os.PathLike):
@@ -59,6 +68,7 @@ def load_image(image, name: str = "image") -> tuple[Image.Image, str]:
         image = _from_array(image, name)
     elif not isinstance(image, Image.Image):
         raise TypeError(f"{name}: expected a PIL image, numpy array or path, got {type(image)}")
+    image = _to_8bit(image)
     return (image if image.mode == "RGB" else image.convert("RGB")), name
 
 
@@ -72,6 +82,16 @@ def load_mask(mask, size_WH: tuple[int, int], name: str = "mask", image_name: st
         mask = _from_array(mask, name)
     elif not isinstance(mask, Image.Image):
         raise TypeError(f"{name}: expected a PIL image, numpy array or path, got {type(mask)}")
+    mask = _to_8bit(mask)
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        rgba = np.asarray(mask.convert("RGBA"))
+        colour, alpha = rgba[..., :3], rgba[..., 3]
+        if alpha.min() != alpha.max() and (colour == colour.reshape(-1, 3)[0]).all():
+            raise ImageReadError(
+                f"{name}: the mask is one colour and marks its area by transparency; catflax "
+                "reads masks as grey levels (white = repaint), so pass the alpha channel (or "
+                "its inverse, if transparent means repaint) as a greyscale mask"
+            )
     mask = mask if mask.mode == "L" else mask.convert("L")
     if mask.size != tuple(size_WH):
         warnings.warn(

@@ -27,7 +27,7 @@ from catflax import sharding as sharding_lib
 from catflax.data import geometry
 from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.rngs import abstract_module
-from catflax.tokenizer import load_tokenizer, tokenize
+from catflax.tokenizer import clean_text, load_tokenizer, tokenize
 from catflax.weights import io, pipeline_format
 
 log = logging.getLogger(__name__)
@@ -223,14 +223,25 @@ class CATPipeline:
             if geometry.binary(m).any():
                 todo.append(i)
                 continue
+            brightest = int(np.asarray(m).max())
+            hint = " (a 0/1 mask? masks are 0..255, white = repaint)" if brightest == 1 else ""
             warnings.warn(
-                f"{mask_name}: the mask is empty (no pixel >= 128); nothing to inpaint, "
-                f"returning {name} unchanged", image_io.InpaintWarning, stacklevel=2,
+                f"{mask_name}: the mask is empty (no pixel >= 128; brightest {brightest}){hint}; "
+                f"nothing to inpaint, returning {name} unchanged", image_io.InpaintWarning,
+                stacklevel=2,
             )  # fmt: skip
             outputs[i] = rgb.copy()
         if todo:  # pad with the first example so that the compiled batch size stays n
             rows = todo + [todo[0]] * (n - len(todo))
             batch = self.prepare([(loaded[i][0], loaded[i][1]) for i in rows])
+            for j, i in enumerate(todo):
+                if not batch["mask64"][j].any():
+                    warnings.warn(
+                        f"{loaded[i][3]}: the mask vanishes at the model's {self.resolution} px "
+                        "(its latent mask is empty), so the model sees nothing to repaint and "
+                        "returns about the input; draw a larger mask",
+                        image_io.InpaintWarning, stacklevel=2,
+                    )  # fmt: skip
             batch["input_ids"] = self._tokenize([prompts[i] for i in rows])
             generated = self.sample(batch, [seeds[i] for i in rows], num_steps, guidance_scale, eta)
             for j, i in enumerate(todo):
@@ -296,7 +307,16 @@ class CATPipeline:
         return np.asarray(jax.device_get(images))
 
     def _tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        return tokenize(list(prompts), self.tokenizer, self.model.config.clip_text.max_positions)
+        limit = self.model.config.clip_text.max_positions
+        for prompt in prompts:
+            count = len(self.tokenizer.tokenize(clean_text(prompt))) + 2  # with BOS and EOS
+            if count > limit:
+                warnings.warn(
+                    f"prompt {prompt[:60]!r}... is {count} tokens; CLIP reads the first "
+                    f"{limit} (with start and end), the rest is dropped",
+                    image_io.InpaintWarning, stacklevel=3,
+                )  # fmt: skip
+        return tokenize(list(prompts), self.tokenizer, limit)
 
 
 def _broadcast(x, n: int, what: str) -> list:

@@ -198,6 +198,30 @@ def test_mask_size_mismatch_warns_and_works(pipe):
     np.testing.assert_array_equal(np.asarray(out)[resized == 0], image[resized == 0])
 
 
+def test_masks_that_are_easy_to_misread(pipe, tmp_path):
+    """0/1 masks, masks drawn by transparency, 16-bit masks, masks too thin for the model's
+    resolution, and prompts longer than CLIP reads: each gets a message or is read right."""
+    image, mask = example(37, 29, seed=10)
+    with pytest.warns(InpaintWarning, match=r"brightest 1\) \(a 0/1 mask\?"):
+        pipe(image, (mask // 255).astype(np.uint8), "a cat", num_steps=STEPS)
+    by_alpha = np.zeros((29, 37, 4), np.uint8)
+    by_alpha[..., :3], by_alpha[..., 3] = 255, mask
+    with pytest.raises(ImageReadError, match="marks its area by transparency"):
+        pipe(image, by_alpha, "a cat", num_steps=STEPS)
+    Image.fromarray(mask.astype(np.uint16) * 257).save(tmp_path / "mask16.png")  # 0 / 65535
+    assert Image.open(tmp_path / "mask16.png").mode.startswith("I")
+    np.testing.assert_array_equal(
+        np.asarray(pipe(image, str(tmp_path / "mask16.png"), "a cat", num_steps=STEPS)),
+        np.asarray(pipe(image, mask, "a cat", num_steps=STEPS)),
+    )
+    big, thin = np.zeros((160, 160, 3), np.uint8), np.zeros((160, 160), np.uint8)
+    thin[80, 40:120] = 255  # one pixel row: nothing of it is left at 16 px
+    with pytest.warns(InpaintWarning, match="mask vanishes at the model's 16 px"):
+        pipe(big, thin, "a cat", num_steps=STEPS)
+    with pytest.warns(InpaintWarning, match="is 83 tokens; CLIP reads the first 77"):
+        pipe(image, mask, "a " + "cat " * 80, num_steps=STEPS)
+
+
 def test_feather_blends_only_near_the_mask_edge(pipe):
     image, mask = example(37, 29, seed=8)
     sharp = np.asarray(pipe(image, mask, "a cat", num_steps=STEPS, paste_back=False))
