@@ -175,6 +175,15 @@ def plan_cluster(
     return ClusterPlan("single")
 
 
+TIMEOUT_VAR = "CATFLAX_DISTRIBUTED_TIMEOUT_S"  # seconds to wait for every process to join
+_PLAN_SOURCES = {
+    "env": "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID",
+    "slurm": "SLURM_NTASKS and SLURM_PROCID; the coordinator from JAX_COORDINATOR_ADDRESS or the "
+    "job's first node",
+    "tpu": "the Cloud TPU slice's workers",
+}
+
+
 def initialize_distributed(
     environ: Mapping[str, str] | None = None, timeout_s: int = 300
 ) -> ProcessInfo:
@@ -182,22 +191,39 @@ def initialize_distributed(
     this process stands. Call it once, before anything else touches JAX devices."""
     import jax
 
-    plan = plan_cluster(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    plan = plan_cluster(environ)
+    timeout_s = _int_var(environ, TIMEOUT_VAR) if environ.get(TIMEOUT_VAR) else timeout_s
     if plan.multi_process and not jax.distributed.is_initialized():
-        logging.info("catflax: starting JAX distributed (%s): %s", plan.source, plan)
-        if plan.source == "tpu":
-            jax.distributed.initialize(initialization_timeout=timeout_s)
-        else:
-            # Explicit values, with JAX's own detection off so it does not override them
-            # (its SLURM path would pin every process to one GPU even with one task per node).
-            jax.distributed.initialize(
-                coordinator_address=plan.coordinator_address,
-                num_processes=plan.num_processes,
-                process_id=plan.process_id,
-                local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
-                cluster_detection_method="deactivate",
-                initialization_timeout=timeout_s,
-            )
+        where = (
+            f"{_PLAN_SOURCES[plan.source]}: process {plan.process_id} of {plan.num_processes}, "
+            f"coordinator {plan.coordinator_address or 'from the TPU runtime'}"
+        )
+        # A coordinator that never answers makes jax abort the process (DEADLINE_EXCEEDED)
+        # rather than raise: this line is what says where the address came from.
+        logging.info(
+            "catflax: starting JAX distributed (%s); waiting up to %d s (%s) for every process",
+            where, timeout_s, TIMEOUT_VAR,
+        )  # fmt: skip
+        try:
+            if plan.source == "tpu":
+                jax.distributed.initialize(initialization_timeout=timeout_s)
+            else:
+                # Explicit values, with JAX's own detection off so it does not override them
+                # (its SLURM path would pin every process to one GPU even with one task per node).
+                jax.distributed.initialize(
+                    coordinator_address=plan.coordinator_address,
+                    num_processes=plan.num_processes,
+                    process_id=plan.process_id,
+                    local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
+                    cluster_detection_method="deactivate",
+                    initialization_timeout=timeout_s,
+                )
+        except Exception as e:  # jax raises its runtime's errors (DEADLINE_EXCEEDED, ...)
+            raise ClusterConfigError(
+                f"JAX distributed start-up failed ({where}); check that process 0 runs and "
+                f"that its host and port are reachable ({TIMEOUT_VAR} sets the wait): {e}"
+            ) from e
     info = ProcessInfo(
         process_index=jax.process_index(),
         process_count=jax.process_count(),

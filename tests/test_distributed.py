@@ -223,6 +223,26 @@ def test_initialize_single_process_and_mesh():
     distributed.log_mesh(mesh)
 
 
+def test_a_coordinator_that_never_answers_is_named_before_the_wait(tmp_path):
+    """jax aborts the process when the coordinator does not answer in time (it does not raise),
+    so the line before the wait must say where the address came from; the wait is settable."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "1", distributed.TIMEOUT_VAR: "2"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "catflax.main", "--config=configs/demo.py", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID: process 1 of 2, "
+        f"coordinator 127.0.0.1:{port}); waiting up to 2 s" in result.stderr
+    )
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_a_tensor_axis_across_processes_is_refused():
     """8 devices on 2 hosts (4 each, in id order): tensor=2 within a host is fine; tensor=2 over
     devices 0 and 4 (of hosts 0 and 1) would give two processes one batch shard."""

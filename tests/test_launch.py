@@ -313,11 +313,23 @@ def test_gpu_one_host(tmp_path):
             " --xla_gpu_enable_command_buffer=",
         ],
         ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90"],
+        ["export", "JAX_COORDINATOR_ADDRESS=localhost:0"],
+        ["export", "JAX_NUM_PROCESSES=1"],
+        ["export", "JAX_PROCESS_ID=0"],
         [
             *[f"{venv}/bin/python", "-m", "catflax.main", "--config=configs/coco.py"],
             *["--workdir=/data/runs/coco", "--config.seed=3"],
         ],
     ]
+    # Those three make it one process even inside a SLURM job with several tasks.
+    from catflax.distributed import ClusterPlan, plan_cluster
+
+    in_a_job = dict(SLURM_JOB_ID="55", SLURM_NTASKS="8", SLURM_PROCID="0", SLURM_LOCALID="0",
+                    SLURM_JOB_NODELIST="gpu001", SLURM_TASKS_PER_NODE="8")  # fmt: skip
+    assert plan_cluster(in_a_job, lambda: None).multi_process
+    exports = dict(c[1].split("=", 1) for c in commands if c[0] == "export")
+    jax_vars = {k: v for k, v in exports.items() if k.startswith("JAX_")}
+    assert plan_cluster({**in_a_job, **jax_vars}, lambda: None) == ClusterPlan("single")
     result = launch(
         tmp_path, "launch/gpu/run_local.sh", "--setup-only", "--cuda", "13", "--dry-run"
     )
@@ -338,6 +350,7 @@ def test_gpu_slurm(tmp_path):
         "SLURM_JOB_NODELIST": "gpu[007-008]",
         "SLURM_JOB_ID": "5000",
         "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_CPUS_PER_TASK": "12",
     }
     args = ["--config=configs/coco.py", "--workdir=gs://b/coco", "--mem-fraction=0.8"]
     commands = dry_run(tmp_path, "launch/gpu/slurm.sbatch", *args, "--", "--config.seed=1", **slurm)
@@ -346,13 +359,24 @@ def test_gpu_slurm(tmp_path):
         ["export", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true"],
         ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.8"],
         [
-            *["srun", "--kill-on-bad-exit=1", f"{ROOT}/.venv-cuda/bin/python", "-m"],
+            *["srun", "--kill-on-bad-exit=1", "--label", "--cpus-per-task=12"],
+            *[f"{ROOT}/.venv-cuda/bin/python", "-m"],
             *["catflax.main", "--config=configs/coco.py", "--workdir=gs://b/coco"],
             "--config.seed=1",
         ],
     ]
     outside = launch(tmp_path, "launch/gpu/slurm.sbatch", *args)
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+    # sbatch runs a copy from its spool directory and finds the project by the submit dir.
+    spooled = tmp_path / "spool" / "slurm_script"
+    spooled.parent.mkdir()
+    spooled.write_text((ROOT / "launch/gpu/slurm.sbatch").read_text())
+    elsewhere = subprocess.run(
+        ["bash", str(spooled), *args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **slurm, "SLURM_SUBMIT_DIR": str(tmp_path)}, cwd=tmp_path,
+    )  # fmt: skip
+    assert elsewhere.returncode == 2
+    assert f"{tmp_path} is not the catflax project: submit from its root" in elsewhere.stderr
 
 
 def test_gpu_xla_flags_exist_in_the_pinned_jaxlib(tmp_path):

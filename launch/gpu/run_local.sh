@@ -50,5 +50,10 @@ fi
 [[ -n $OPT_gpus ]] && set_env CUDA_VISIBLE_DEVICES "$OPT_gpus"
 set_env XLA_FLAGS "${XLA_FLAGS:+$XLA_FLAGS }$GPU_XLA_FLAGS${OPT_xla_flags:+ $OPT_xla_flags}"
 set_env XLA_PYTHON_CLIENT_MEM_FRACTION "$OPT_mem_fraction"
+# One process, even inside a SLURM allocation with several tasks (whose SLURM_* variables would
+# otherwise make catflax.distributed wait for the other tasks).
+set_env JAX_COORDINATOR_ADDRESS localhost:0
+set_env JAX_NUM_PROCESSES 1
+set_env JAX_PROCESS_ID 0
 run "$OPT_venv/bin/python" -m catflax.main --config="$OPT_config" --workdir="$OPT_workdir" \
   "${EXTRA_ARGS[@]}"
