@@ -79,7 +79,8 @@ def check_batch_split(mesh: Mesh) -> None:
     if shared:
         raise ValueError(
             f"mesh {dict(mesh.shape)}: batch shards are split over processes {shared[0]} (the "
-            "tensor axis spans processes); keep `tensor` within one host's devices"
+            "tensor axis spans processes); keep `tensor` within one process's devices (a host's, "
+            "with one process per host)"
         )
 
 

@@ -84,6 +84,18 @@ def test_create_queued_resource(tmp_path, accelerator, gcloud_type, version):
     assert spot == [[*QUEUED, *zone, *typed, "--spot"]]
 
 
+def test_network_flags_reach_gcloud(tmp_path):
+    """Projects without external IPs: extra create and ssh/scp flags from the environment."""
+    net = dict(CATFLAX_CREATE_FLAGS="--internal-ips --network=net1",
+               CATFLAX_SSH_FLAGS="--tunnel-through-iap")  # fmt: skip
+    create = dry_run(tmp_path, "launch/tpu/create.sh", *TARGET, "--accelerator", "v4-8", **net)
+    assert create[0][-2:] == ["--internal-ips", "--network=net1"]
+    _, scp, ssh = dry_run(tmp_path, "launch/tpu/setup.sh", *TARGET, **net)
+    assert "--tunnel-through-iap" in scp and "--tunnel-through-iap" in ssh
+    (logs,) = dry_run(tmp_path, "launch/tpu/logs.sh", *TARGET, **net)
+    assert "--tunnel-through-iap" in logs
+
+
 def test_create_options(tmp_path):
     args = ["--accelerator", "v4-32", "--project", "my-proj", "--reserved"]
     assert tpu(tmp_path, "create", *args, "--runtime-version", "v2-alpha-tpuv4") == [
@@ -156,8 +168,19 @@ def test_setup_copies_this_tree(tmp_path):
         *["--zone=us-central2-b", "--worker=all"],
     ]
     steps = remote_command(ssh).split(" && ")
-    assert steps[:4] == [
-        "cd ~",
+    assert steps[0] == "cd ~" and steps[1].startswith("if kill -0 ")
+    # The guard refuses to replace the code under a live run (pid file of a running process).
+    home = tmp_path / "home"
+    home.mkdir()
+    guard = lambda: subprocess.run(["bash", "-c", steps[1]], capture_output=True, text=True,  # noqa: E731
+                                   env={**os.environ, "HOME": str(home)})  # fmt: skip
+    assert guard().returncode == 0  # no pid file
+    with subprocess.Popen(["sleep", "30"]) as live:
+        (home / "catflax-run.pid").write_text(str(live.pid))
+        refused = guard()
+        live.kill()
+    assert refused.returncode == 1 and "stop.sh before setup.sh" in refused.stderr
+    assert steps[2:5] == [
         "rm -rf catflax",
         "mkdir catflax",
         "tar -xzf catflax-src.tar.gz -C catflax",
@@ -172,7 +195,7 @@ def test_setup_copies_this_tree(tmp_path):
 def test_setup_from_a_repository(tmp_path):
     (ssh,) = tpu(tmp_path, "setup", "--repo", "https://example.org/catflax.git", "--ref", "v1")
     steps = remote_command(ssh).split(" && ")
-    assert steps[1:4] == [
+    assert steps[2:5] == [
         "rm -rf catflax",
         "git clone --quiet https://example.org/catflax.git catflax",
         "git -C catflax checkout --quiet v1",
@@ -183,7 +206,7 @@ def test_setup_from_a_repository(tmp_path):
 def test_setup_copies_weights_from_gcs(tmp_path):
     *_, ssh = tpu(tmp_path, "setup", "--weights", "gs://bucket/weights")
     steps = remote_command(ssh).split(" && ")
-    assert steps[4:6] == [
+    assert steps[5:7] == [
         "mkdir -p catflax-weights",
         "gcloud storage rsync --recursive gs://bucket/weights catflax-weights",
     ]
@@ -202,8 +225,10 @@ def test_run_on_all_workers(tmp_path):
     assert (
         f"setsid nohup env LIBTPU_INIT_ARGS='--a=1 --b' X=1 {main} > ~/catflax-run.log" in command
     )
-    (ssh,) = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
-    assert remote_command(ssh) == f"cd ~/catflax && {MAIN} --workdir=gs://bucket/runs/coco"
+    # --foreground starts the same background run, then follows the logs (Ctrl-C: only that).
+    start, follow = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+    assert f"setsid nohup {MAIN} --workdir=gs://bucket/runs/coco" in remote_command(start)
+    assert remote_command(follow) == "tail -n +1 -F ~/catflax-run.log"
 
 
 def test_run_rejects_bad_requests(tmp_path):

@@ -32,7 +32,8 @@
 #   --xla_gpu_enable_pipelined_all_gather=true
 #   --xla_gpu_enable_pipelined_reduce_scatter=true
 #   --xla_gpu_enable_pipelined_all_reduce=true
-#       overlap one loop iteration's collectives with the next's compute (scanned layers).
+#       overlap one loop iteration's collectives with the next's compute; they help scanned
+#       layers, and catflax does not scan its layers, so expect little from them here.
 #   --xla_gpu_autotune_level=0
 #       no GEMM/convolution autotuning: much faster compiles, slower steps; for debugging only.
 #

@@ -31,11 +31,17 @@ gcloud_flags() {
   require name zone
   GCLOUD_FLAGS=(--zone="$OPT_zone")
   [[ -z $OPT_project ]] || GCLOUD_FLAGS+=(--project="$OPT_project")
+  # More gcloud flags, split on spaces: CATFLAX_SSH_FLAGS for tpu-vm ssh/scp (e.g.
+  # --internal-ip or --tunnel-through-iap), CATFLAX_CREATE_FLAGS for creating the slice (e.g.
+  # --internal-ips --network=NET --subnetwork=SUB --service-account=SA).
+  read -ra SSH_EXTRA <<<"${CATFLAX_SSH_FLAGS:-}"
+  read -ra CREATE_EXTRA <<<"${CATFLAX_CREATE_FLAGS:-}"
 }
 
 # tpu_ssh WORKER COMMAND: run COMMAND on one worker (0, 1, ...) or on all of them at once.
 tpu_ssh() {
-  run gcloud compute tpus tpu-vm ssh "$OPT_name" "${GCLOUD_FLAGS[@]}" --worker="$1" --command="$2"
+  run gcloud compute tpus tpu-vm ssh "$OPT_name" "${GCLOUD_FLAGS[@]}" "${SSH_EXTRA[@]}" \
+    --worker="$1" --command="$2"
 }
 
 # accelerator_type TYPE: the gcloud --accelerator-type (v5e-N is spelled v5litepod-N there).

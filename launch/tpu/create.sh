@@ -47,4 +47,5 @@ else
 fi
 ((!OPT_spot)) || cmd+=(--spot)
 ((!OPT_reserved)) || cmd+=(--reserved)
+cmd+=("${CREATE_EXTRA[@]}")
 run "${cmd[@]}"

@@ -17,7 +17,8 @@ in the background (it survives a dropped connection): its output is ~/$REMOTE_LO
   --config CONFIG      config file, relative to the project root, e.g. configs/coco.py
   --workdir gs://...   where checkpoints and logs go; all workers must see it, so a GCS path
   --env KEY=VALUE      environment variable for the run (repeatable), e.g. LIBTPU_INIT_ARGS=...
-  --foreground         stay attached and stream every worker's output (Ctrl-C detaches only)
+  --foreground         then follow every worker's log (Ctrl-C stops following; stop.sh ends
+                       the run)
   -- ARGS              passed on to catflax.main, e.g. -- --config.seed=3
 $TARGET_HELP
 HELP
@@ -47,14 +48,15 @@ main_line=""
 main_line+="~/$REMOTE_VENV/bin/python $(command_line -m catflax.main --config="$OPT_config" \
   --workdir="$OPT_workdir" "${EXTRA_ARGS[@]}")"
 
-if ((OPT_foreground)); then
-  tpu_ssh all "cd ~/$REMOTE_SRC && $main_line"
-else
-  remote="cd ~/$REMOTE_SRC || exit 1"
-  remote+="; if [ -e ~/$REMOTE_PID ] && kill -0 \"\$(cat ~/$REMOTE_PID)\" 2>/dev/null; then"
-  remote+=" echo \"catflax already runs on \$(hostname): stop.sh first\" >&2; exit 1; fi"
-  # setsid: the run leads its own process group, which stop.sh signals as a whole.
-  remote+="; setsid nohup $main_line > ~/$REMOTE_LOG 2>&1 < /dev/null & echo \$! > ~/$REMOTE_PID"
-  remote+="; echo \"catflax started on \$(hostname), pid \$(cat ~/$REMOTE_PID)\""
-  tpu_ssh all "$remote"
+remote="cd ~/$REMOTE_SRC || exit 1"
+remote+="; if [ -e ~/$REMOTE_PID ] && kill -0 \"\$(cat ~/$REMOTE_PID)\" 2>/dev/null; then"
+remote+=" echo \"catflax already runs on \$(hostname): stop.sh first\" >&2; exit 1; fi"
+# The previous run's log is kept as .1 (e.g. the run that crashed and is being restarted).
+remote+="; if [ -e ~/$REMOTE_LOG ]; then mv -f ~/$REMOTE_LOG ~/$REMOTE_LOG.1; fi"
+# setsid: the run leads its own process group, which stop.sh signals as a whole.
+remote+="; setsid nohup $main_line > ~/$REMOTE_LOG 2>&1 < /dev/null & echo \$! > ~/$REMOTE_PID"
+remote+="; echo \"catflax started on \$(hostname), pid \$(cat ~/$REMOTE_PID)\""
+tpu_ssh all "$remote"
+if ((OPT_foreground)); then  # follow the logs; Ctrl-C ends only this, not the run
+  tpu_ssh all "tail -n +1 -F ~/$REMOTE_LOG"
 fi

@@ -42,7 +42,7 @@ else
   run tar -czf "$tarball" -C "$CATFLAX_ROOT" --exclude=./.git --exclude='./.venv*' \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache .
   run gcloud compute tpus tpu-vm scp "$tarball" "$OPT_name:catflax-src.tar.gz" \
-    "${GCLOUD_FLAGS[@]}" --worker=all
+    "${GCLOUD_FLAGS[@]}" "${SSH_EXTRA[@]}" --worker=all
   fetch="rm -rf $REMOTE_SRC && mkdir $REMOTE_SRC && tar -xzf catflax-src.tar.gz -C $REMOTE_SRC"
 fi
 
@@ -52,6 +52,7 @@ uv='~/.local/bin/uv'
 # shellcheck disable=SC2088
 steps=(
   "cd ~"
+  "if kill -0 \"\$(cat ~/$REMOTE_PID 2>/dev/null)\" 2>/dev/null; then echo \"catflax runs on \$(hostname): stop.sh before setup.sh\" >&2; exit 1; fi"
   "$fetch"
   ${OPT_weights:+"mkdir -p $REMOTE_WEIGHTS"}
   ${OPT_weights:+"gcloud storage rsync --recursive $(quote "$OPT_weights") $REMOTE_WEIGHTS"}
