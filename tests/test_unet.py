@@ -348,3 +348,13 @@ def test_full_size_counts_match_diffusers():
     assert adapter_param_count(unet) == n_adapter == 50_377_280
     assert convert.count_params(unet) == n_unet + n_adapter == 859_535_364 + n_adapter
     assert convert.count_params(vae) == n_vae == 83_653_863
+
+
+def test_a_component_folder_of_the_wrong_kind_or_a_renamed_pickle_is_named(tiny_unet, tmp_path):
+    torch_model, root = tiny_unet
+    with pytest.raises(WeightFileError, match="a UNet2DConditionModel config where the vae"):
+        AutoencoderKL.from_pretrained(str(root / "unet"))
+    renamed = tmp_path / "unet.pkl"
+    torch.save(torch_model.state_dict(), renamed)  # a pickle under a name no loader expects
+    with pytest.raises(WeightFileError, match=r"unet\.pkl: a pickled PyTorch file"):
+        UNet.from_pretrained(str(renamed), ref_adapter=False)

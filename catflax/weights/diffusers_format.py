@@ -48,12 +48,23 @@ _VAE_FIXED = dict(act_fn="silu", shift_factor=None, latents_mean=None, latents_s
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
+_COMPONENT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+
 def component_dir(path: str, component: str) -> str:
-    """`path/component` for a pipeline root, else `path` itself when it holds config.json."""
+    """`path/component` for a pipeline root, else `path` itself when it holds config.json (of
+    the component's diffusers class, where the config names one)."""
     sub = os.path.join(path, component)
     if os.path.isfile(os.path.join(sub, "config.json")):
         return sub
-    if os.path.isfile(os.path.join(path, "config.json")):
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+        found, expected = io.read_json(config).get("_class_name"), _COMPONENT_CLASSES[component]
+        if found and found != expected:
+            raise io.WeightFileError(
+                f"{config}: a {found} config where the {component} ({expected}) was expected; "
+                f"name the pipeline root (with {component}/ in it) or the {component}/ folder"
+            )
         return path
     raise io.WeightFileError(
         f"{path}: not a diffusers directory (no config.json in it or in {component}/)"

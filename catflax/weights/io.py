@@ -16,6 +16,7 @@ SAFETENSORS_INDEX_NAMES = (
 )
 PICKLE_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+PICKLE_STARTS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 
 
 class WeightFileError(ValueError):
@@ -41,6 +42,13 @@ def _check_safetensors_header(path: str) -> None:
         if len(head) < 8:
             raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         header_len = int.from_bytes(head, "little")
+        # torch's zip container or a raw pickle (protocol 2-5); checked only once the bytes are
+        # not a plausible safetensors header, which may itself begin with 0x80
+        if header_len > size - 8 and head.startswith((b"PK\x03\x04", *PICKLE_STARTS)):
+            raise WeightFileError(
+                f"{path}: a pickled PyTorch file, not safetensors; pickles can run code and load "
+                f"only with allow_pickle=True, named {'/'.join(PICKLE_SUFFIXES)}"
+            )
         if header_len > size - 8:
             raise WeightFileError(
                 f"{path}: truncated or not a safetensors file (header of {header_len} bytes "
