@@ -4,11 +4,12 @@
     python bench/sampling.py --config=configs/coco.py --batch_sizes=1,8 \
         --config.model.unet.dtype=bfloat16 --config.model.unet.attention=cudnn
 
-One jitted function with the model state as an argument, as `catflax.pipeline` samples: CLIP
+`catflax.pipeline`'s own jitted sampler (`_generate`, the model state an argument): CLIP
 text (prompt and empty prompt), CLIP vision on the masked image, the semantic inpainter, the
 VAE encoder on the masked image, `num_steps` DDIM steps whose two guidance branches run as one
-2B-batch UNet call, and the VAE decoder. Latency is wall time from inputs on the device to the
-decoded images ready, median of `--repeats` calls after one warm-up; compile time separately.
+2B-batch UNet call, the VAE decoder and the uint8 images. Latency is wall time from inputs on
+the device to the decoded images ready, median of `--repeats` calls after one warm-up; compile
+time separately.
 """
 
 from __future__ import annotations
@@ -23,39 +24,16 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
 from bench import common
-from catflax import diffusion
+from catflax import pipeline as pipeline_lib
 from catflax.models.cat import CATConfig
 
 FLAGS: dict = {}  # set by define_flags() when run as a script
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"))
-def generate(graphdef, params, inputs, key, guidance_scale, *, num_steps: int):
-    """Inpainted images (B,R,R,3) in [-1,1] (SPEC.md §6)."""
-    model = nnx.merge(graphdef, params)
-    context, label = model.encode_text(inputs["input_ids"])
-    empty_context, _ = model.encode_text(inputs["empty_ids"])
-    tokens = model.semantic_tokens("inpainter", inputs, label)
-    masked_latents = model.encode_latents(inputs["masked512"], jax.random.fold_in(key, 1))
-    mask64 = inputs["mask64"]
-
-    def model_fn(x, t, cond):
-        ctx, tok, mask, latents = cond
-        return model.predict_noise(x, t, mask, latents, ctx, tok)
-
-    cond = (context, tokens, mask64, masked_latents)
-    uncond = (empty_context, jnp.zeros_like(tokens), mask64, masked_latents)
-    shape = (*mask64.shape[:3], model.unet.config.out_channels)
-    latents = diffusion.ddim_sample(
-        model_fn, cond, uncond, key=key, shape=shape, num_steps=num_steps,
-        guidance_scale=guidance_scale,
-    )  # fmt: skip
-    return model.decode_latents(latents)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -69,14 +47,18 @@ def guided_unet_call(graphdef, unet_params, x, t, cond, uncond):
 
 
 def time_batch(cat_cfg, graphdef, params, b, resolution, num_steps, repeats, scale, seed):
-    """Compile time and latency of `generate` for batch b, and one guided UNet call alone."""
+    """Compile time and latency of the pipeline's sampler for batch b, and one guided UNet call
+    alone."""
     host = common.random_batch(cat_cfg, b, resolution, seed=seed)
-    inputs = jax.device_put({k: v for k, v in host.items() if k != "image512"})
-    key = jax.random.key(seed)
+    inputs = {k: v for k, v in host.items() if k != "image512"}
+    inputs["seeds"] = np.arange(seed, seed + b, dtype=np.uint32)
+    inputs, scale = jax.device_put(inputs), np.float32(scale)
     start = time.perf_counter()
-    compiled = generate.lower(graphdef, params, inputs, key, scale, num_steps=num_steps).compile()
+    compiled = pipeline_lib._generate.lower(
+        graphdef, params, inputs, scale, num_steps=num_steps, eta=0.0, guided=True
+    ).compile()
     compile_s = time.perf_counter() - start
-    times = common.time_calls(lambda: compiled(params, inputs, key, scale), repeats)
+    times = common.time_calls(lambda: compiled(params, inputs, scale), repeats)
     # One step's UNet call alone (2B batch, its own dispatch included), for comparison.
     unet_graphdef, unet_params = nnx.split(nnx.merge(graphdef, params).unet)
     u, h = cat_cfg.unet, host["mask64"].shape[1]
@@ -96,7 +78,7 @@ def time_batch(cat_cfg, graphdef, params, b, resolution, num_steps, repeats, sca
 
 
 def run(config, batch_sizes, resolution: int, num_steps: int, repeats: int) -> dict:
-    """Times `generate` for each batch size; returns the benchmark record (also printed)."""
+    """Times the sampler for each batch size; returns the benchmark record (also printed)."""
     from catflax import sharding as sharding_lib
 
     cat_cfg = CATConfig.from_dict(config.model)
