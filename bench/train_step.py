@@ -71,6 +71,8 @@ def run(
         flops = model_flops_per_device(
             setup.graphdef, setup.tx, setup.step_cfg, state, setup.frozen, batch
         )
+        if flops is None:  # no cost analysis of the lowered step: the compiled one's count
+            flops = common.compiled_flops(compiled)
         holder = {"state": state}
 
         def one_step(holder=holder, step_fn=step_fn, frozen=setup.frozen):

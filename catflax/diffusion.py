@@ -186,7 +186,7 @@ def ddim_sample(
     def per_key(draw, *args):  # draw(key, *args, shape) for the batch, or per example key
         if key.ndim == (0 if typed else 1):
             return draw(key, *args, tuple(shape))
-        if key.shape != (shape[0],):
+        if key.shape[0] != shape[0]:
             raise ValueError(f"ddim_sample: {key.shape[0]} keys for a batch of {shape[0]}")
         one = (1, *shape[1:])
         return jax.vmap(lambda k: draw(k, *args, one))(key).reshape(shape)

@@ -194,6 +194,8 @@ def initialize_distributed(
     environ = os.environ if environ is None else environ
     plan = plan_cluster(environ)
     timeout_s = _int_var(environ, TIMEOUT_VAR) if environ.get(TIMEOUT_VAR) else timeout_s
+    if timeout_s <= 0:
+        raise ClusterConfigError(f"{TIMEOUT_VAR}={timeout_s}: must be a positive number of seconds")
     if plan.multi_process and not jax.distributed.is_initialized():
         where = (
             f"{_PLAN_SOURCES[plan.source]}: process {plan.process_id} of {plan.num_processes}, "

@@ -125,7 +125,7 @@ def jobs_from_options(opts: Options) -> list[Job]:
         jobs = [Job(opts.image, opts.mask, opts.prompt, opts.out, opts.seed)]
     if opts.feather < 0:
         raise ValueError(f"--feather={opts.feather}: must be >= 0 (pixels)")
-    writable = Image.registered_extensions()  # what PIL can write, by file extension
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
     for job in jobs:
         for what, path in (("image", job.image), ("mask", job.mask)):
             if not os.path.isfile(path):

@@ -238,8 +238,8 @@ class CATPipeline:
                 if not batch["mask64"][j].any():
                     warnings.warn(
                         f"{loaded[i][3]}: the mask vanishes at the model's {self.resolution} px "
-                        "(its latent mask is empty), so the model sees nothing to repaint and "
-                        "returns about the input; draw a larger mask",
+                        "(its latent mask is empty): the model sees no hole and reconstructs its "
+                        "input there, masked pixels black; draw a larger mask",
                         image_io.InpaintWarning, stacklevel=2,
                     )  # fmt: skip
             batch["input_ids"] = self._tokenize([prompts[i] for i in rows])

@@ -40,7 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 16
     config.train.log_every = 50
     config.train.checkpoint_every = 500
-    config.train.peak_flops_per_device = 1e11  # ~ one CPU core, for a meaningful MFU line
     config.sampling.num_steps = 20  # DDIM steps of the stage-end grids and the report
     # The UNet trains from scratch here, so every group gets the fast rate (the reference's 1e-5
     # is for a pretrained UNet). Most steps go to the UNet (1b) and the end-to-end stage (2b).

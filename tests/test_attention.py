@@ -307,7 +307,7 @@ def test_cudnn_equals_xla_on_gpu(T, S, causal):  # pragma: no cover - only on GP
         np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), atol=5e-2)
 
 
-def test_flops_are_counted_with_every_attention_traced_as_xla():
+def test_flops_are_counted_with_every_attention_traced_as_xla(monkeypatch):
     """XLA's cost analysis counts `chunked`'s query-block loop body once (and kernel custom
     calls not at all); under traced_as_xla a step's FLOPs are the same whatever the attention."""
     q = jax.ShapeDtypeStruct((2, 1024, 2, 32), jnp.float32)
@@ -340,3 +340,17 @@ def test_flops_are_counted_with_every_attention_traced_as_xla():
             graphdef, tx, step_cfg, state, frozen, batch
         )
     assert counts["xla"] > 0 and counts["chunked"] == counts["xla"]
+    # As the trainer calls it: under its mesh (a CPU one here). Backends without a cost
+    # analysis before compiling (the PJRT C API: TPU, the CUDA plugin) are not used for it;
+    # where even the CPU has none, None (the caller falls back to the compiled count).
+    from jax._src.interpreters import pxla
+
+    from catflax import sharding as sharding_lib
+
+    with jax.set_mesh(sharding_lib.make_mesh(dict(data=2, fsdp=4, tensor=1))):
+        assert (
+            model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch)
+            == counts["chunked"]
+        )
+    monkeypatch.setattr(pxla.xb, "using_pjrt_c_api", lambda backend: True)
+    assert model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch) is None

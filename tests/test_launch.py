@@ -228,7 +228,8 @@ def test_run_on_all_workers(tmp_path):
     # --foreground starts the same background run, then follows the logs (Ctrl-C: only that).
     start, follow = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
     assert f"setsid nohup {MAIN} --workdir=gs://bucket/runs/coco" in remote_command(start)
-    assert remote_command(follow) == "tail -n +1 -F ~/catflax-run.log"
+    follow_logs = 'tail -n +1 -F --pid="$(cat ~/catflax-run.pid)" ~/catflax-run.log'
+    assert remote_command(follow) == follow_logs
 
 
 def test_run_rejects_bad_requests(tmp_path):

@@ -214,6 +214,12 @@ def test_masks_that_are_easy_to_misread(pipe, tmp_path):
         np.asarray(pipe(image, str(tmp_path / "mask16.png"), "a cat", num_steps=STEPS)),
         np.asarray(pipe(image, mask, "a cat", num_steps=STEPS)),
     )
+    as_int32 = Image.fromarray(mask.astype(np.int32))  # mode I holding 0..255: not scaled
+    assert as_int32.mode == "I"
+    np.testing.assert_array_equal(
+        np.asarray(pipe(image, as_int32, "a cat", num_steps=STEPS)),
+        np.asarray(pipe(image, mask, "a cat", num_steps=STEPS)),
+    )
     big, thin = np.zeros((160, 160, 3), np.uint8), np.zeros((160, 160), np.uint8)
     thin[80, 40:120] = 255  # one pixel row: nothing of it is left at 16 px
     with pytest.warns(InpaintWarning, match="mask vanishes at the model's 16 px"):
@@ -274,6 +280,7 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path):
     cases = {
         f"{noext}: output needs an image file extension": [f"--out={noext}"],
         f"{a_dir}: output path is a directory": [f"--out={a_dir}"],
+        "o.psd: output needs an image file extension": [f"--out={tmp_path / 'o.psd'}"],
         "--feather=-1.0: must be >= 0": [f"--out={tmp_path / 'o.png'}", "--feather=-1"],
     }
     for message, extra in cases.items():

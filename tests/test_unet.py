@@ -130,9 +130,13 @@ def test_fp16_variant_files_load_single_and_sharded(tiny_unet, tmp_path):
         assert kernel.dtype == np.float32
         np.testing.assert_array_equal(kernel, want["conv_in.weight"].transpose(2, 3, 1, 0))
     half.save_pretrained(tmp_path / "single", variant="ema")
-    with pytest.raises(io.WeightFileError, match=r"variants \['ema', 'fp16'\]: name one"):
+    with pytest.raises(io.WeightFileError, match=r"the variants \['ema', 'fp16'\]; keep one"):
         io.read_state_dict(str(tmp_path / "single"))
     assert io.read_state_dict(str(tmp_path / "single"), variant="ema").keys() == want.keys()
+    # A plain pickle beside a safetensors variant: the safetensors file is the one read.
+    torch.save(half.state_dict(), tmp_path / "sharded" / "diffusion_pytorch_model.bin")
+    first = os.path.basename(io.find_weight_file(str(tmp_path / "sharded"))[0])
+    assert first.startswith("diffusion_pytorch_model.fp16-00001-of-")
 
 
 # ---------------------------------------------------------------------------------------------

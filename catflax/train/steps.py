@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
@@ -141,19 +142,29 @@ def jit_step(graphdef, tx, cfg: StepConfig, state_sharding, frozen_sharding, bat
     )
 
 
-def model_flops_per_device(graphdef, tx, cfg: StepConfig, state, frozen, batch) -> float:
+def model_flops_per_device(
+    graphdef, tx, cfg: StepConfig, state, frozen, batch
+) -> float | None:  # fmt: skip
     """FLOPs of one training step, whole batch, divided by the device count: XLA's cost
     analysis of the step before partitioning, with every attention traced as `xla` (the
     compiled program's own count misses what runs in loops or kernel custom calls). Remat's
-    recomputation, where on, is included."""
+    recomputation, where on, is included. The step is lowered for one CPU device from shapes
+    alone (TPU and CUDA-plugin backends have no pre-compilation cost analysis); None where
+    XLA gives no count."""
     from catflax.models.attention import traced_as_xla
 
-    with traced_as_xla():  # a new jit object: nothing traced outside this block is reused
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, frozen, batch))
+    cpu = jax.devices("cpu")[0]
+    one_cpu = jax.sharding.Mesh(np.asarray([cpu]), ("flops",))
+    # A new jit object: nothing traced outside this block is reused, nor this trace later.
+    with traced_as_xla(), jax.set_mesh(one_cpu), jax.default_device(cpu):
         fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, cfg=cfg))
-        cost = fn.lower(state, frozen, batch).cost_analysis()
+        cost = fn.lower(*shapes).cost_analysis()
     if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0)) / jax.device_count()
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"]) / jax.device_count()
 
 
 def validation_loss(

@@ -118,26 +118,19 @@ def _variant_names(variant: str | None) -> tuple[list[str], list[str], list[str]
 
 
 _VARIANT_FILE = re.compile(
-    r"(?:model|diffusion_pytorch_model|pytorch_model)"
-    r"(?:\.(\w+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)|\.safetensors\.index\.(\w+)\.json)"
+    r"(?:model|diffusion_pytorch_model)"
+    r"(?:\.(\w+)(?:-\d+-of-\d+)?\.safetensors|\.safetensors\.index\.(\w+)\.json)"
 )
 
 
 def weight_variants(directory: str) -> list[str]:
-    """Variants (`fp16`, `ema`, ...) of which `directory` holds weight files."""
+    """Variants (`fp16`, `ema`, ...) of which `directory` holds safetensors weights."""
     found = {m.group(1) or m.group(2) for m in map(_VARIANT_FILE.fullmatch, os.listdir(directory))
              if m}  # fmt: skip
     return sorted(found)
 
 
-def find_weight_file(
-    directory: str, allow_pickle: bool = False, variant: str | None = None
-) -> list[str]:
-    """The weight files of a model directory: one safetensors file, a sharded set, or a pickle.
-
-    `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`; without one, the plain
-    files, else the one variant the directory has (several: an error naming them)."""
-    singles, indexes, pickles = _variant_names(variant)
+def _safetensors_files(directory: str, singles: list[str], indexes: list[str]) -> list[str]:
     for name in singles:
         if os.path.isfile(os.path.join(directory, name)):
             return [os.path.join(directory, name)]
@@ -150,6 +143,30 @@ def find_weight_file(
             if missing:
                 raise WeightFileError(f"{index_path}: shard files missing: {missing}")
             return [os.path.join(directory, s) for s in shards]
+    return []
+
+
+def find_weight_file(
+    directory: str, allow_pickle: bool = False, variant: str | None = None
+) -> list[str]:
+    """The weight files of a model directory: one safetensors file, a sharded set, or a pickle.
+
+    `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`. Without one: the plain
+    safetensors files, else those of the one safetensors variant the directory has (several:
+    an error naming them), else a plain pickle (with allow_pickle)."""
+    singles, indexes, pickles = _variant_names(variant)
+    found = _safetensors_files(directory, singles, indexes)
+    if found:
+        return found
+    if not variant:
+        variants = weight_variants(directory)
+        if len(variants) == 1:
+            return find_weight_file(directory, allow_pickle, variants[0])
+        if variants:
+            raise WeightFileError(
+                f"{directory}: no plain weight file but the variants {variants}; keep one of "
+                "them, or read one with catflax.weights.io.read_state_dict(DIR, variant=NAME)"
+            )
     for name in pickles:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
@@ -159,16 +176,10 @@ def find_weight_file(
                     "they load only with allow_pickle=True (and torch installed)"
                 )
             return [path]
-    variants = weight_variants(directory)
-    if not variant and len(variants) == 1:
-        return find_weight_file(directory, allow_pickle, variants[0])
     present = sorted(os.listdir(directory))
-    hint = (
-        f"; it has the variants {variants}: name one" if len(variants) > 1 and not variant else ""
-    )
     raise WeightFileError(
         f"{directory}: no weights found (looked for {', '.join(singles)}, a sharded index "
-        f"({', '.join(indexes)}), or {', '.join(pickles)}){hint}; the directory holds "
+        f"({', '.join(indexes)}), or {', '.join(pickles)}); the directory holds "
         f"{present[:20]}{' ...' if len(present) > 20 else ''}"
     )
 

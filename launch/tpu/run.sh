@@ -17,8 +17,8 @@ in the background (it survives a dropped connection): its output is ~/$REMOTE_LO
   --config CONFIG      config file, relative to the project root, e.g. configs/coco.py
   --workdir gs://...   where checkpoints and logs go; all workers must see it, so a GCS path
   --env KEY=VALUE      environment variable for the run (repeatable), e.g. LIBTPU_INIT_ARGS=...
-  --foreground         then follow every worker's log (Ctrl-C stops following; stop.sh ends
-                       the run)
+  --foreground         then follow every worker's log until the run ends (Ctrl-C stops only
+                       the following; stop.sh ends the run)
   -- ARGS              passed on to catflax.main, e.g. -- --config.seed=3
 $TARGET_HELP
 HELP
@@ -57,6 +57,6 @@ remote+="; if [ -e ~/$REMOTE_LOG ]; then mv -f ~/$REMOTE_LOG ~/$REMOTE_LOG.1; fi
 remote+="; setsid nohup $main_line > ~/$REMOTE_LOG 2>&1 < /dev/null & echo \$! > ~/$REMOTE_PID"
 remote+="; echo \"catflax started on \$(hostname), pid \$(cat ~/$REMOTE_PID)\""
 tpu_ssh all "$remote"
-if ((OPT_foreground)); then  # follow the logs; Ctrl-C ends only this, not the run
-  tpu_ssh all "tail -n +1 -F ~/$REMOTE_LOG"
+if ((OPT_foreground)); then  # follow the logs until the run ends; Ctrl-C ends only this
+  tpu_ssh all "tail -n +1 -F --pid=\"\$(cat ~/$REMOTE_PID)\" ~/$REMOTE_LOG"
 fi
