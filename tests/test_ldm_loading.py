@@ -209,6 +209,41 @@ def test_ldm_names_of_the_full_size_unet_and_vae():
     )
 
 
+def test_reference_export_has_the_official_checkpoint_names():
+    """Every name of the reference model's state dict (tests/fixtures: generated from the
+    reference's own modules, not from catflax), and no other, comes out of our reference-format
+    export, each with the reference's rank. At full depth and with widths that change where
+    the full model's do (which decides the shortcut convs), but narrow: names depend on no
+    more, and the full model would need 7 GB."""
+    import dataclasses
+    import json
+    import os
+
+    from catflax.export import ddpm_buffers, reference_state_dict
+    from catflax.models.cat import CATConfig, CATDiffusion
+    from catflax.models.inpainter import InpainterConfig
+    from catflax.models.rngs import rngs
+
+    with open(
+        os.path.join(os.path.dirname(__file__), "fixtures", "reference_state_dict_shapes.json")
+    ) as f:
+        golden = json.load(f)["keys"]
+    narrow = dict(hidden_size=32, intermediate_size=64, num_heads=2)
+    cfg = CATConfig(
+        clip_text=dataclasses.replace(clip.CLIP_VIT_L14_TEXT, **narrow),
+        clip_vision=dataclasses.replace(clip.CLIP_VIT_L14_VISION, **narrow),
+        vae=dataclasses.replace(SD15_VAE, block_out_channels=(32, 64, 128, 128)),
+        unet=dataclasses.replace(CAT_UNET, block_out_channels=(32, 64, 128, 128), num_heads=2,
+                                 cross_attention_dim=32, ref_dim=32),
+        inpainter=InpainterConfig(**narrow, label_size=32, label_intermediate_size=64,
+                                  spatial_intermediate_size=64, global_intermediate_size=64),
+    )  # fmt: skip
+    exported = reference_state_dict(CATDiffusion(cfg, rngs=rngs(0)))
+    ours = {k: v.ndim for k, v in exported.items() if k not in ddpm_buffers()}
+    assert sorted(set(golden) - set(ours)) == [] and sorted(set(ours) - set(golden)) == []
+    assert {k: len(v) for k, v in golden.items()} == ours
+
+
 @pytest.fixture(scope="module")
 def cat_checkpoint():
     """A tiny CAT-Diffusion checkpoint in the reference's layout, and its PyTorch pieces."""
