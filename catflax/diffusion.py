@@ -173,8 +173,9 @@ def ddim_sample(
 ) -> jax.Array:
     """DDIM from x_T (drawn from `key` unless given) to x_0, one jitted `lax.fori_loop`.
 
-    `key` is one key for the batch, or a (B,) array of keys, one per example: then x_T and the
-    per-step noise (eta > 0) of example b come from key b alone, as in a call with batch 1.
+    `key` is one key for the batch, or one per example (a (B,) typed key array or (B, 2) raw
+    uint32 keys): then x_T and the per-step noise (eta > 0) of example b come from key b alone,
+    as in a call with batch 1.
     `model_fn(x_t, t, cond) -> eps` sees a 2B batch (uncond then cond) when `uncond` is given.
     It is a static argument: pass the same callable to reuse the compilation, and do not close
     over large arrays (call this inside your own jit with the model as its argument instead).

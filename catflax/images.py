@@ -51,14 +51,14 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit greyscale (PNG modes I;16*, or mode I holding values above 255) scaled to 8-bit
-    L; PIL's own conversion clips them to 255. Mode I with 0..255 values is left as it is."""
+    """Integer greyscale (PNG modes I;16*, mode I) as 8-bit L: 16-bit values (any above 255)
+    scaled by 1/257, where PIL's own conversion clips them to 255; 0..255 values kept."""
     if not (image.mode.startswith("I;16") or image.mode == "I"):
         return image
     values = np.asarray(image, np.float64)
-    if image.mode == "I" and values.max(initial=0) <= 255:
-        return Image.fromarray(values.astype(np.uint8), "L")
-    return Image.fromarray(np.round(values / 257).clip(0, 255).astype(np.uint8), "L")
+    if values.max(initial=0) > 255:
+        values = np.round(values / 257)
+    return Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
 
 
 def load_image(image, name: str = "image") -> tuple[Image.Image, str]:

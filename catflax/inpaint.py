@@ -15,6 +15,8 @@ image and mask paths are relative to the JSONL file, `out` to `--out_dir`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import json
 import os
 import sys
@@ -125,16 +127,28 @@ def jobs_from_options(opts: Options) -> list[Job]:
         jobs = [Job(opts.image, opts.mask, opts.prompt, opts.out, opts.seed)]
     if opts.feather < 0:
         raise ValueError(f"--feather={opts.feather}: must be >= 0 (pixels)")
-    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
     for job in jobs:
         for what, path in (("image", job.image), ("mask", job.mask)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: {what} file not found")
-        if os.path.splitext(job.out)[1].lower() not in writable:
+        if not _writes_rgb(os.path.splitext(job.out)[1].lower()):
             raise ValueError(f"{job.out}: output needs an image file extension (.png, .jpg, ...)")
         if os.path.isdir(job.out):
             raise ValueError(f"{job.out}: output path is a directory")
     return jobs
+
+
+@functools.cache
+def _writes_rgb(extension: str) -> bool:
+    """Whether PIL saves an RGB image under this file extension (tried on a 1x1 image)."""
+    fmt = Image.registered_extensions().get(extension)
+    if fmt not in Image.SAVE:
+        return False
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception:  # PIL's writers raise many kinds
+        return False
+    return True
 
 
 def read_jobs(path: str, out_dir: str, seed: int) -> list[Job]:

@@ -352,5 +352,15 @@ def test_flops_are_counted_with_every_attention_traced_as_xla(monkeypatch):
             model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch)
             == counts["chunked"]
         )
-    monkeypatch.setattr(pxla.xb, "using_pjrt_c_api", lambda backend: True)
+    with monkeypatch.context() as patch:  # patches every backend, the CPU's too: None
+        patch.setattr(pxla.xb, "using_pjrt_c_api", lambda backend: True)
+        assert model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch) is None
+    devices = jax.devices
+
+    def no_cpu(backend=None):  # JAX_PLATFORMS=tpu: the CPU backend is not there
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return devices(backend)
+
+    monkeypatch.setattr(jax, "devices", no_cpu)
     assert model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch) is None

@@ -239,7 +239,8 @@ def test_reference_export_has_the_official_checkpoint_names():
                                   spatial_intermediate_size=64, global_intermediate_size=64),
     )  # fmt: skip
     exported = reference_state_dict(CATDiffusion(cfg, rngs=rngs(0)))
-    ours = {k: v.ndim for k, v in exported.items() if k not in ddpm_buffers()}
+    buffers = ddpm_buffers()
+    ours = {k: v.ndim for k, v in exported.items() if k not in buffers}
     assert sorted(set(golden) - set(ours)) == [] and sorted(set(ours) - set(golden)) == []
     assert {k: len(v) for k, v in golden.items()} == ours
 

@@ -105,11 +105,13 @@ def test_exact_resume_after_sigkill(tmp_path):
 def test_plateau_lowers_the_rate_and_survives_a_resume(tmp_path):
     """Stage 1a validates every 2 steps; threshold 0.9 and patience 0 make every validation after
     the first a plateau. Killed after the step-4 checkpoint and resumed, steps 5-6 still run at
-    the reduced rate and the step-6 validation still compares with the restored best loss."""
+    the reduced rate and the step-6 validation still compares with the restored best loss.
+    (It also sets a peak, so the trainer counts FLOPs and logs MFU.)"""
     args = [*steps(6, ("1a",)), "--config.train.checkpoint_every=2",
             "--config.stage_1a.plateau_every=2", "--config.stage_1a.plateau_eval_batches=1",
             "--config.stage_1a.plateau_patience=0", "--config.stage_1a.plateau_threshold=0.9",
-            "--config.stage_1a.lr_fast=1e-3"]  # fmt: skip
+            "--config.stage_1a.lr_fast=1e-3",
+            "--config.train.peak_flops_per_device=1e11"]  # fmt: skip
     killed = run_main(tmp_path, *args, env=env_for({"CATFLAX_TEST_KILL_AT_STEP": "5"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = run_main(tmp_path, *args)
@@ -125,6 +127,9 @@ def test_plateau_lowers_the_rate_and_survives_a_resume(tmp_path):
         rows = {r["step"]: r for r in map(json.loads, f)}
     assert [rows[s]["lr_scale"] for s in range(1, 7)] == pytest.approx([1, 1, 1, 1, 0.1, 0.1])
     assert rows[5]["lr_fast"] == pytest.approx(1e-4)
+    # With a peak given, every step has an MFU from the step's FLOPs (per device, counted once).
+    assert all(0 < rows[s]["mfu"] < 1 for s in range(1, 7))
+    assert "GFLOP/step/device" in resumed.stderr
     assert os.path.isdir(tmp_path / "1a" / "final")
 
 

@@ -137,6 +137,13 @@ def test_fp16_variant_files_load_single_and_sharded(tiny_unet, tmp_path):
     torch.save(half.state_dict(), tmp_path / "sharded" / "diffusion_pytorch_model.bin")
     first = os.path.basename(io.find_weight_file(str(tmp_path / "sharded"))[0])
     assert first.startswith("diffusion_pytorch_model.fp16-00001-of-")
+    # Only a pickled variant: loads with allow_pickle, and only then.
+    (tmp_path / "pickled").mkdir()
+    torch.save(half.state_dict(), tmp_path / "pickled" / "diffusion_pytorch_model.fp16.bin")
+    with pytest.raises(io.WeightFileError, match="no weights found"):
+        io.find_weight_file(str(tmp_path / "pickled"))
+    found = io.find_weight_file(str(tmp_path / "pickled"), allow_pickle=True)
+    assert [os.path.basename(f) for f in found] == ["diffusion_pytorch_model.fp16.bin"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,12 +121,16 @@ _VARIANT_FILE = re.compile(
     r"(?:model|diffusion_pytorch_model)"
     r"(?:\.(\w+)(?:-\d+-of-\d+)?\.safetensors|\.safetensors\.index\.(\w+)\.json)"
 )
+_VARIANT_PICKLE = re.compile(r"(?:pytorch_model|diffusion_pytorch_model)\.(\w+)\.bin")
 
 
-def weight_variants(directory: str) -> list[str]:
-    """Variants (`fp16`, `ema`, ...) of which `directory` holds safetensors weights."""
-    found = {m.group(1) or m.group(2) for m in map(_VARIANT_FILE.fullmatch, os.listdir(directory))
-             if m}  # fmt: skip
+def weight_variants(directory: str, pickles: bool = False) -> list[str]:
+    """Variants (`fp16`, `ema`, ...) of which `directory` holds safetensors weights (and, with
+    `pickles`, pickled ones)."""
+    names = os.listdir(directory)
+    found = {m.group(1) or m.group(2) for m in map(_VARIANT_FILE.fullmatch, names) if m}
+    if pickles:
+        found |= {m.group(1) for m in map(_VARIANT_PICKLE.fullmatch, names) if m}
     return sorted(found)
 
 
@@ -158,8 +162,9 @@ def find_weight_file(
     found = _safetensors_files(directory, singles, indexes)
     if found:
         return found
-    if not variant:
-        variants = weight_variants(directory)
+    plain_pickle = allow_pickle and any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
+    if not variant and not plain_pickle:
+        variants = weight_variants(directory, pickles=allow_pickle)
         if len(variants) == 1:
             return find_weight_file(directory, allow_pickle, variants[0])
         if variants:

@@ -18,7 +18,7 @@ in the background (it survives a dropped connection): its output is ~/$REMOTE_LO
   --workdir gs://...   where checkpoints and logs go; all workers must see it, so a GCS path
   --env KEY=VALUE      environment variable for the run (repeatable), e.g. LIBTPU_INIT_ARGS=...
   --foreground         then follow every worker's log until the run ends (Ctrl-C stops only
-                       the following; stop.sh ends the run)
+                       the following; stop.sh ends the run); exits 0 whatever the run's outcome
   -- ARGS              passed on to catflax.main, e.g. -- --config.seed=3
 $TARGET_HELP
 HELP
