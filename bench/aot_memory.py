@@ -102,6 +102,7 @@ def compile_one(config, fsdp: int, global_batch: int, variant: str, resolution: 
 
     from bench import common
     from catflax import sharding as sharding_lib
+    from catflax.train.steps import compiled_flops
 
     n = jax.device_count()
     config = config.copy_and_resolve_references()
@@ -117,7 +118,7 @@ def compile_one(config, fsdp: int, global_batch: int, variant: str, resolution: 
     return dict(
         devices=n, mesh=dict(mesh.shape), global_batch=global_batch,
         per_device_batch=global_batch / n, variant=variant, resolution=resolution,
-        compile_s=compile_s, tflop_per_device=common.compiled_flops(compiled) / 1e12,
+        compile_s=compile_s, tflop_per_device=compiled_flops(compiled) / 1e12,
         trained_params=count(setup.trainable), frozen_params=count(setup.frozen),
         **mem,
         fits={k: mem["peak_gib"] <= HEADROOM * v for k, v in ACCELERATORS_GIB.items()},

@@ -130,15 +130,6 @@ def train_state_shardings(setup: StageSetup, shardings: Mapping[tuple, Any], mes
     return steps.state_shardings(setup.trainable, setup.tx, shardings, mesh, ema)
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled function, per device (XLA counts the partitioned
-    program: a step sharded N ways reports 1/N of the global count)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
-
-
 def memory_stats(compiled) -> dict[str, float]:
     """Per-device bytes from the compiled memory analysis, in GiB; peak = args + outputs +
     temporaries - donated (aliased) buffers."""

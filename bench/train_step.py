@@ -36,7 +36,7 @@ from bench import common
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig
 from catflax.train.metrics import peak_flops_per_device
-from catflax.train.steps import create_state, jit_step, model_flops_per_device
+from catflax.train.steps import compiled_flops, create_state, jit_step, step_flops_per_device
 
 FLAGS: dict = {}  # set by define_flags() when run as a script
 
@@ -68,11 +68,9 @@ def run(
         start = time.perf_counter()
         compiled = step_fn.lower(state, setup.frozen, batch).compile()
         compile_s = time.perf_counter() - start
-        flops = model_flops_per_device(
-            setup.graphdef, setup.tx, setup.step_cfg, state, setup.frozen, batch
+        flops = step_flops_per_device(
+            compiled, setup.graphdef, setup.tx, setup.step_cfg, state, setup.frozen, batch
         )
-        if flops is None:  # no cost analysis of the lowered step: the compiled one's count
-            flops = common.compiled_flops(compiled)
         holder = {"state": state}
 
         def one_step(holder=holder, step_fn=step_fn, frozen=setup.frozen):
@@ -87,7 +85,7 @@ def run(
         results[stage] = dict(
             compile_s=compile_s, step_s=step_s, step_s_mean=common.summary(times)["mean_s"],
             examples_per_s=batch_size / step_s, gflop_per_device=flops / 1e9,
-            compiled_gflop_per_device=common.compiled_flops(compiled) / 1e9,
+            compiled_gflop_per_device=compiled_flops(compiled) / 1e9,
             mfu=flops / step_s / peak_flops if peak_flops else None,
             loss=float(one_step()), recompilations=compiled_names.count("jit(train_step)"),
             memory=common.memory_stats(compiled),

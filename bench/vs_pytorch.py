@@ -55,7 +55,7 @@ from catflax.models.inpainter import InpainterConfig, SemanticInpainter
 from catflax.models.rngs import abstract_module
 from catflax.models.unet import UNet, UNetConfig
 from catflax.models.vae import AutoencoderKL, VAEConfig
-from catflax.train.steps import create_state, jit_step
+from catflax.train.steps import compiled_flops, create_state, jit_step
 from catflax.weights import convert
 
 # UNet 64-128-256-256 (SD-1.5's layout at 1/5 width), 4-layer CLIP towers and inpainter of
@@ -201,7 +201,7 @@ def compile_ours(cfg, variant, params, config, shardings, mesh, batch, u_inp, se
         holder["state"], metrics = compiled(holder["state"], setup.frozen, batch)
         return metrics["loss"]
 
-    return ours_step, ours_unet, compile_s, common.compiled_flops(compiled)
+    return ours_step, ours_unet, compile_s, compiled_flops(compiled)
 
 
 def run(

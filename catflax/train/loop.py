@@ -38,8 +38,8 @@ from catflax.train.steps import (
     create_sharded_state,
     jit_step,
     jit_validation,
-    model_flops_per_device,
     sharding_of,
+    step_flops_per_device,
 )
 
 
@@ -225,11 +225,7 @@ def run_stage(
     compiled = step_fn.lower(state, frozen, batch).compile()
     flops = 0.0  # per device; only for MFU, so only counted where the device's peak is known
     if peak_flops_per_device(config.train.peak_flops_per_device):
-        flops = model_flops_per_device(graphdef, tx, step_cfg, state, frozen, batch)
-        if flops is None:
-            flops = _compiled_flops(compiled)
-            logging.warning("stage %s: MFU from the compiled step's FLOP count, which misses "
-                            "attention run in loops or kernels", stage)  # fmt: skip
+        flops = step_flops_per_device(compiled, graphdef, tx, step_cfg, state, frozen, batch)
         logging.info("stage %s: %.3g GFLOP/step/device", stage, flops / 1e9)
     logging.info("stage %s: compiled step, memory %s", stage, _memory(compiled))
 
@@ -372,13 +368,6 @@ def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
     logging.info("step %d: validation loss %.5g over %d batches; learning-rate scale %g", step,
                  values["val_loss"], batches, values["lr_scale"])  # fmt: skip
     return state.replace(opt_state=optim.with_plateau_state(state.opt_state, new))
-
-
-def _compiled_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
 
 
 def _memory(compiled) -> str:

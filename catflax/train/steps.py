@@ -165,11 +165,32 @@ def model_flops_per_device(
     except Exception as e:
         logging.warning("no FLOP count of the lowered step (%s: %s)", type(e).__name__, e)
         return None
+    flops = _flops(cost)
+    return None if flops is None else flops / jax.device_count()
+
+
+def _flops(cost) -> float | None:
+    """The "flops" entry of an XLA cost analysis (a dict, a list of one, or None)."""
     if isinstance(cost, list):
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"]) / jax.device_count()
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled function, per device (XLA counts the partitioned
+    program: a step sharded N ways reports 1/N of the global count); 0 where none."""
+    return _flops(compiled.cost_analysis()) or 0.0
+
+
+def step_flops_per_device(compiled, graphdef, tx, cfg: StepConfig, state, frozen, batch) -> float:
+    """`model_flops_per_device`, else (with a warning) the compiled step's own count, which
+    misses attention run in loops or kernels."""
+    flops = model_flops_per_device(graphdef, tx, cfg, state, frozen, batch)
+    if flops is None:
+        logging.warning("FLOPs from the compiled step's count, which misses attention run in "
+                        "loops or kernels")  # fmt: skip
+        flops = compiled_flops(compiled)
+    return flops
 
 
 def validation_loss(
