@@ -52,13 +52,13 @@ def time_batch(cat_cfg, graphdef, params, b, resolution, num_steps, repeats, sca
     host = common.random_batch(cat_cfg, b, resolution, seed=seed)
     inputs = {k: v for k, v in host.items() if k != "image512"}
     inputs["seeds"] = np.arange(seed, seed + b, dtype=np.uint32)
-    inputs, scale = jax.device_put(inputs), np.float32(scale)
+    inputs, scale, eta = jax.device_put(inputs), np.float32(scale), np.float32(0.0)
     start = time.perf_counter()
     compiled = pipeline_lib._generate.lower(
-        graphdef, params, inputs, scale, num_steps=num_steps, eta=0.0, guided=True
+        graphdef, params, inputs, scale, eta, num_steps=num_steps, stochastic=False, guided=True
     ).compile()
     compile_s = time.perf_counter() - start
-    times = common.time_calls(lambda: compiled(params, inputs, scale), repeats)
+    times = common.time_calls(lambda: compiled(params, inputs, scale, eta), repeats)
     # One step's UNet call alone (2B batch, its own dispatch included), for comparison.
     unet_graphdef, unet_params = nnx.split(nnx.merge(graphdef, params).unet)
     u, h = cat_cfg.unet, host["mask64"].shape[1]

@@ -104,18 +104,19 @@ def ddim_step(
     eps: jax.Array,
     alpha_t: jax.Array,
     alpha_prev: jax.Array,
-    eta: float = 0.0,
+    eta: float | jax.Array = 0.0,
     noise: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One DDIM update (Song et al. eq. 12): returns (x_prev, predicted x0)."""
+    """One DDIM update (Song et al. eq. 12): returns (x_prev, predicted x0). `noise` is added
+    (times sigma, which is 0 for eta 0) when given; a Python eta > 0 requires it."""
     pred_x0 = (x_t - jnp.sqrt(1.0 - alpha_t) * eps) / jnp.sqrt(alpha_t)
     variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)
     sigma = eta * jnp.sqrt(variance)
     x_prev = jnp.sqrt(alpha_prev) * pred_x0 + jnp.sqrt(1.0 - alpha_prev - sigma**2) * eps
-    if eta > 0:
-        if noise is None:
-            raise ValueError("ddim_step: eta > 0 needs noise")
+    if noise is not None:
         x_prev = x_prev + sigma * noise
+    elif isinstance(eta, int | float) and eta > 0:
+        raise ValueError("ddim_step: eta > 0 needs noise")
     return x_prev.astype(x_t.dtype), pred_x0
 
 
@@ -157,7 +158,6 @@ def step_noise(key: jax.Array, step: int | jax.Array, shape: tuple[int, ...], dt
     return jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], step), shape, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "shape", "num_steps", "eta", "schedule"))
 def ddim_sample(
     model_fn: ModelFn,
     cond: Any,
@@ -167,7 +167,8 @@ def ddim_sample(
     shape: tuple[int, ...],
     num_steps: int = 50,
     guidance_scale: float | jax.Array = 7.5,
-    eta: float = 0.0,
+    eta: float | jax.Array = 0.0,
+    stochastic: bool | None = None,
     schedule: ScheduleConfig = SD15_SCHEDULE,
     x_T: jax.Array | None = None,
 ) -> jax.Array:
@@ -179,7 +180,27 @@ def ddim_sample(
     `model_fn(x_t, t, cond) -> eps` sees a 2B batch (uncond then cond) when `uncond` is given.
     It is a static argument: pass the same callable to reuse the compilation, and do not close
     over large arrays (call this inside your own jit with the model as its argument instead).
+    `eta` is traced (a new value does not recompile); `stochastic` (static) says whether the
+    per-step noise is drawn at all: by default `eta > 0` for a Python number, True for an array.
     """
+    if stochastic is None:
+        stochastic = not isinstance(eta, int | float) or eta > 0
+    elif not stochastic and isinstance(eta, int | float) and eta > 0:
+        raise ValueError(f"ddim_sample: eta={eta} needs stochastic=True")
+    return _ddim_sample(
+        model_fn, cond, uncond, key=key, shape=tuple(shape), num_steps=num_steps,
+        guidance_scale=guidance_scale, eta=eta, stochastic=bool(stochastic), schedule=schedule,
+        x_T=x_T,
+    )  # fmt: skip
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model_fn", "shape", "num_steps", "stochastic", "schedule")
+)
+def _ddim_sample(
+    model_fn, cond, uncond, *, key, shape, num_steps, guidance_scale, eta, stochastic, schedule,
+    x_T,
+):  # fmt: skip
     timesteps, alpha_t, alpha_prev = (jnp.asarray(a) for a in ddim_alphas(num_steps, schedule))
 
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)  # else a raw uint32 (.., 2) key
@@ -199,7 +220,7 @@ def ddim_sample(
     def body(i, x):
         t_B = jnp.full((x.shape[0],), timesteps[i], jnp.int32)
         eps = guided_eps(model_fn, x, t_B, cond, uncond, guidance_scale)
-        noise = per_key(step_noise, i).astype(x.dtype) if eta > 0 else None
+        noise = per_key(step_noise, i).astype(x.dtype) if stochastic else None
         x_prev, _ = ddim_step(x, eps, alpha_t[i], alpha_prev[i], eta, noise)
         return x_prev
 

@@ -227,7 +227,8 @@ class ShardedSampler:
                       seeds=np.asarray(seeds, np.uint32))  # fmt: skip
         return pipeline_lib._generate(
             self.pipe.graphdef, self.state, {k: self._split(v) for k, v in inputs.items()},
-            np.float32(guidance), num_steps=num_steps, eta=eta, guided=guidance != 1.0,
+            np.float32(guidance), np.float32(eta), num_steps=num_steps, stochastic=eta > 0,
+            guided=guidance != 1.0,
         )  # fmt: skip
 
     def __call__(self, batch, seeds, num_steps=None, guidance_scale=None, eta=None) -> np.ndarray:

@@ -43,12 +43,13 @@ class SamplingConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling: one jitted function for every pipeline; compiles once per (graph, batch, steps)
+# Sampling: one jitted function for every pipeline; compiles once per (graph, batch, steps,
+# eta > 0 or not, guided or not)
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "eta", "guided"))
-def _generate(graphdef, state, inputs, guidance_scale, *, num_steps, eta, guided):
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "stochastic", "guided"))
+def _generate(graphdef, state, inputs, guidance_scale, eta, *, num_steps, stochastic, guided):
     """(B,R,R,3) uint8 images. Each example's noise (x_T, masked latents, DDIM's per-step noise
     for eta > 0) comes from its own seed: its result does not depend on the rest of its batch."""
     model = nnx.merge(graphdef, state)
@@ -76,7 +77,7 @@ def _generate(graphdef, state, inputs, guidance_scale, *, num_steps, eta, guided
         uncond = (empty_context, jnp.zeros_like(tokens), mask64, masked_latents)
     latents = diffusion.ddim_sample(
         model_fn, cond, uncond, key=keys, shape=(B, h, w, c), num_steps=num_steps,
-        guidance_scale=guidance_scale, eta=eta,
+        guidance_scale=guidance_scale, eta=eta, stochastic=stochastic,
     )  # fmt: skip
     images = model.decode_latents(latents).astype(jnp.float32)
     return jnp.clip(images * 127.5 + 127.5, 0, 255).astype(jnp.uint8)  # truncated, as the ref
@@ -299,8 +300,8 @@ class CATPipeline:
         if mesh is not None:
             inputs = sharding_lib.global_batch(inputs, mesh)
         images = _generate(
-            self.graphdef, self.state, inputs, np.float32(guidance_scale),
-            num_steps=num_steps, eta=eta, guided=guidance_scale != 1.0,
+            self.graphdef, self.state, inputs, np.float32(guidance_scale), np.float32(eta),
+            num_steps=num_steps, stochastic=eta > 0, guided=guidance_scale != 1.0,
         )  # fmt: skip
         if mesh is not None:
             return np.asarray(multihost_utils.process_allgather(images, tiled=True))

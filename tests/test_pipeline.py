@@ -152,6 +152,10 @@ def test_batch_equals_single_calls_and_compiles_once(pipe):
     for one, many in zip(singles, batch):
         np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
     assert (np.asarray(singles[0]) != np.asarray(pipe(a, ma, "a red ball", seed=5))).any()
+    compiled = pipeline_lib._generate._cache_size()  # another eta > 0: no compile, new images
+    other_eta = pipe(a, ma, "a red ball", seed=5, num_steps=STEPS, eta=0.3)
+    assert pipeline_lib._generate._cache_size() == compiled
+    assert (np.asarray(other_eta) != np.asarray(singles[0])).any()
 
 
 def test_unconditional_branch_is_empty_prompt_and_zero_tokens(pipe):
