@@ -222,14 +222,15 @@ def test_run_on_all_workers(tmp_path):
     (ssh,) = tpu(tmp_path, "run", *RUN_ARGS, *env, "--", "--x=1")
     command = remote_command(ssh)
     main = f"{MAIN} --workdir=gs://bucket/runs/coco --x=1"
-    assert (
-        f"setsid nohup env LIBTPU_INIT_ARGS='--a=1 --b' X=1 {main} > ~/catflax-run.log" in command
-    )
+    record = "echo $? > ~/catflax-run.status"  # sh -c '...' records the exit status
+    env_words = "env LIBTPU_INIT_ARGS='\\''--a=1 --b'\\'' X=1"
+    assert f"setsid nohup sh -c '{env_words} {main}; {record}' > ~/catflax-run.log" in command
     # --foreground starts the same background run, then follows the logs (Ctrl-C: only that).
-    start, follow = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
-    assert f"setsid nohup {MAIN} --workdir=gs://bucket/runs/coco" in remote_command(start)
+    start, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+    assert f"setsid nohup sh -c '{MAIN} --workdir=gs://bucket/runs/coco" in remote_command(start)
     follow_logs = 'tail -n +1 -F --pid="$(cat ~/catflax-run.pid)" ~/catflax-run.log'
     assert remote_command(follow) == follow_logs
+    assert "exit \"$s\"" in remote_command(status)  # then each worker's exit status
 
 
 def test_run_rejects_bad_requests(tmp_path):
@@ -262,6 +263,7 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
     python.write_text(
         "#!/bin/sh\n"
         'printf "%s\\n" "$PWD" "$RUN_TAG" "$@" > "$HOME/args.txt"\n'
+        'if [ "$RUN_TAG" = fails ]; then echo failing; exit 3; fi\n'
         "echo training step 1\n"
         "sleep 60 &\n"
         "exec sleep 60\n"
@@ -307,6 +309,17 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
             os.killpg(pid, 0)  # the whole group is gone
         assert not (home / "catflax-run.pid").exists()
         assert "no catflax run" in worker(remote_command(stop)).stdout
+        # --foreground: follow the logs until the run ends, then report its exit status.
+        _, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+        stopped_status = worker(remote_command(status))
+        assert stopped_status.returncode == 1 and "no exit status" in stopped_status.stderr
+        failing = [*RUN_ARGS, "--env", "RUN_TAG=fails", "--foreground"]
+        start, follow, status = tpu(tmp_path, "run", *failing)
+        assert worker(remote_command(start)).returncode == 0
+        pid = int((home / "catflax-run.pid").read_text())
+        assert worker(remote_command(follow)).stdout == "failing\n"  # returns when it ends
+        ended = worker(remote_command(status))
+        assert ended.returncode == 3 and "exited with 3" in ended.stdout
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ REMOTE_VENV=catflax-venv    # its Python 3.11 virtual environment
 REMOTE_WEIGHTS=catflax-weights  # pretrained weights copied from GCS (setup.sh --weights)
 REMOTE_LOG=catflax-run.log  # stdout+stderr of the run on that worker
 REMOTE_PID=catflax-run.pid  # process (group) id of the run on that worker
+REMOTE_STATUS=catflax-run.status  # the run's exit status, written when it ends
 UV_VERSION=0.13.9           # uv makes the Python 3.11 venv (the TPU images ship Python 3.10)
 
 OPT_name=${CATFLAX_TPU_NAME:-}

@@ -18,7 +18,8 @@ in the background (it survives a dropped connection): its output is ~/$REMOTE_LO
   --workdir gs://...   where checkpoints and logs go; all workers must see it, so a GCS path
   --env KEY=VALUE      environment variable for the run (repeatable), e.g. LIBTPU_INIT_ARGS=...
   --foreground         then follow every worker's log until the run ends (Ctrl-C stops only
-                       the following; stop.sh ends the run); exits 0 whatever the run's outcome
+                       the following; stop.sh ends the run), print each worker's exit status
+                       (~/$REMOTE_STATUS there) and fail if a worker's run failed
   -- ARGS              passed on to catflax.main, e.g. -- --config.seed=3
 $TARGET_HELP
 HELP
@@ -54,9 +55,17 @@ remote+=" echo \"catflax already runs on \$(hostname): stop.sh first\" >&2; exit
 # The previous run's log is kept as .1 (e.g. the run that crashed and is being restarted).
 remote+="; if [ -e ~/$REMOTE_LOG ]; then mv -f ~/$REMOTE_LOG ~/$REMOTE_LOG.1; fi"
 # setsid: the run leads its own process group, which stop.sh signals as a whole.
-remote+="; setsid nohup $main_line > ~/$REMOTE_LOG 2>&1 < /dev/null & echo \$! > ~/$REMOTE_PID"
+# sh records the run's exit status when it ends (not when a signal ends sh itself: stop.sh).
+remote+="; rm -f ~/$REMOTE_STATUS"
+run_and_record="$main_line; echo \$? > ~/$REMOTE_STATUS"
+remote+="; setsid nohup sh -c $(quote_value "$run_and_record") > ~/$REMOTE_LOG 2>&1 < /dev/null"
+remote+=" & echo \$! > ~/$REMOTE_PID"
 remote+="; echo \"catflax started on \$(hostname), pid \$(cat ~/$REMOTE_PID)\""
 tpu_ssh all "$remote"
 if ((OPT_foreground)); then  # follow the logs until the run ends; Ctrl-C ends only this
   tpu_ssh all "tail -n +1 -F --pid=\"\$(cat ~/$REMOTE_PID)\" ~/$REMOTE_LOG"
+  status="s=\$(cat ~/$REMOTE_STATUS 2>/dev/null)"
+  status+=" || { echo \"catflax on \$(hostname): no exit status (stopped by a signal?)\" >&2; exit 1; }"
+  status+="; echo \"catflax on \$(hostname) exited with \$s\"; exit \"\$s\""
+  tpu_ssh all "$status"
 fi
