@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from catflax import paths
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path of a config file (configs/*.py).", lock_config=True
 )
@@ -117,7 +119,7 @@ def generated_data_dir(workdir: str) -> str:
     """Where a config with an empty data.data_dir keeps generated data: WORKDIR/data, or each
     host's ~/catflax-data when the workdir is on an object store (every host generates the
     same data; reading ArrayRecords from a bucket needs no copy per host, writing them does)."""
-    if "://" in workdir:
+    if paths.is_remote(workdir):
         return os.path.expanduser("~/catflax-data")
     return os.path.join(workdir, "data")
 
@@ -131,7 +133,7 @@ def main(argv) -> None:
     distributed.initialize_distributed()  # before anything else touches devices
     config = _CONFIG.value
     workdir = _WORKDIR.value
-    if not workdir.startswith("gs://"):
+    if not paths.is_remote(workdir):
         os.makedirs(workdir, exist_ok=True)
     if not config.data.data_dir:  # generated data (the demo)
         with config.unlocked():

@@ -114,7 +114,8 @@ def test_generated_data_of_a_remote_run_stays_on_local_disk(tmp_path, monkeypatc
     from catflax.main import generated_data_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert generated_data_dir("gs://bucket/run") == str(tmp_path / "home" / "catflax-data")
+    for url in ("gs://bucket/run", "s3://bucket/run"):  # any object store (catflax.paths)
+        assert generated_data_dir(url) == str(tmp_path / "home" / "catflax-data")
     assert generated_data_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "data")
 
 

@@ -18,6 +18,7 @@ import tempfile
 
 from etils import epath
 
+from catflax import paths
 from catflax.data import records
 
 NEEDS_SOURCE = ("coco_inpaint", "openimages_inpaint", "text_image_pairs")
@@ -48,7 +49,7 @@ def prepare(
         raise ValueError(f"--dataset={dataset!r}: expected one of {sorted(builders.BUILDERS)}")
     if name in NEEDS_SOURCE and not (source and os.path.isdir(source)):
         raise FileNotFoundError(f"--source={source!r}: {name} needs a local source folder")
-    remote = data_dir if data_dir.startswith("gs://") else None
+    remote = data_dir if paths.is_remote(data_dir) else None
     build_dir = tempfile.mkdtemp(prefix="catflax-prepare-") if remote else data_dir
     builder = tfds.builder(dataset, data_dir=os.path.expanduser(build_dir))
     mode = tfds.download.GenerateMode

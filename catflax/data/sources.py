@@ -10,6 +10,8 @@ import sys
 import grain
 import numpy as np
 
+from catflax import paths
+
 
 def parse_mixture(spec: str) -> tuple[tuple[str, float], ...]:
     """Parses "coco_inpaint:0.8,text_image_pairs:0.2" into (("coco_inpaint", 0.8), ...); weight
@@ -90,7 +92,7 @@ def _prepare(name: str, data_dir: str | None):
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
-    if data_dir and "://" in data_dir:
+    if data_dir and paths.is_remote(data_dir):
         from catflax.data import prepare
 
         prepare.prepare(name, data_dir)

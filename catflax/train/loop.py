@@ -24,6 +24,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from catflax import paths
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.rngs import abstract_module
@@ -93,7 +94,7 @@ def run_path(workdir: str, *parts: str) -> epath.Path:
     """A path inside the run directory: a local one made absolute (orbax wants that), a URL
     such as gs://BUCKET/DIR kept as it is."""
     path = epath.Path(workdir, *parts)
-    return path if "://" in str(workdir) else path.resolve()
+    return path if paths.is_remote(workdir) else path.resolve()
 
 
 def final_dir(workdir: str, stage: str) -> epath.Path:

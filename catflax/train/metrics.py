@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from catflax import paths
+
 # Dense bf16 peak FLOP/s per JAX device, by `device_kind` substring (first match wins).
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
@@ -47,7 +49,7 @@ class MetricWriter:
         # TensorBoard writes to a local folder whose files are copied over, by `flush` (the
         # loop calls it at every checkpoint: rows past the last one are redone on a resume)
         # and at close.
-        self._remote = "://" in str(logdir)
+        self._remote = paths.is_remote(logdir)
         self._records: dict[str, list[str]] = {}
         if self.enabled:
             from tensorboardX import SummaryWriter
