@@ -22,11 +22,13 @@ def clip_normalize(images_BHWC):
 
 
 def resize_center_crop(image: Image.Image, size: int = 224) -> np.ndarray:
-    """CLIPImageProcessor's geometry: bicubic resize of the short side to `size`, centre crop."""
+    """CLIPImageProcessor's geometry: bicubic resize of the short side to `size` (the long side
+    to int(size * long / short), truncated as transformers does), centre crop."""
     image = image.convert("RGB")
     w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)

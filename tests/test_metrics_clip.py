@@ -36,7 +36,12 @@ def _torch_features(fn, **kwargs):
 
 
 def _torch_image_embeddings(model, scorer, images):
-    pixels = clip_normalize(scorer.preprocess(images)).transpose(0, 3, 1, 2)
+    """transformers' own preprocessing (CLIPImageProcessorPil: no torchvision here) and model."""
+    size = scorer.image_size
+    processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    pixels = processor(images=list(images), return_tensors="np")["pixel_values"]
     return _torch_features(model.get_image_features, pixel_values=torch.from_numpy(pixels))
 
 
