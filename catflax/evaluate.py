@@ -27,6 +27,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 MASK_KINDS = ("box", "seg")
+_NUMBERED = re.compile(r"\d{5,}\.png")  # images/, inputs/, masks/ files of a run
 SHEET_CELL = (128, 256)  # contact sheet cells: model images scaled into this range of sides
 
 
@@ -317,6 +319,8 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
         raise ValueError(f"missing {', '.join(missing)}")
     if opts.num < 1:
         raise ValueError(f"--num={opts.num} must be positive")
+    if opts.sheet_rows < 1:
+        raise ValueError(f"--sheet_rows={opts.sheet_rows} must be positive")
     if opts.masks not in MASK_KINDS:
         raise ValueError(f"--masks={opts.masks!r}: choose one of {list(MASK_KINDS)}")
     if jax.process_count() > 1:
@@ -344,8 +348,13 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
     sampler = ShardedSampler(pipeline)
     generated = generate(sampler, examples, opts, report)
 
-    for folder in ("images", "inputs", "masks"):
+    for folder in ("images", "inputs", "masks"):  # an earlier run's images are replaced
         os.makedirs(os.path.join(opts.out, folder), exist_ok=True)
+        stale = [f for f in os.listdir(os.path.join(opts.out, folder)) if _NUMBERED.fullmatch(f)]
+        for name in stale:
+            os.remove(os.path.join(opts.out, folder, name))
+        if stale:
+            report(f"evaluate: removed {len(stale)} images of an earlier run from {folder}/")
     rows = []
     for number, (example, image) in enumerate(zip(examples, generated)):
         names = {"image": f"images/{number:05d}.png", "input": f"inputs/{number:05d}.png",
@@ -356,9 +365,8 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
                          prompt=example.prompt, seed=opts.seed + number, **names))  # fmt: skip
     prompts = [e.prompt for e in examples]
     originals, masks = [e.image for e in examples], [e.mask for e in examples]
-    if inception is not None and len(examples) < 2:
-        report("evaluate: FID needs at least 2 images; skipped")
-        inception = None
+    if len(examples) < 2 and (inception is not None or clip is not None):
+        report("evaluate: FID and CLIP-FD need at least 2 images (a covariance each): null")
     summary, per_example = compute_metrics(generated, originals, masks, prompts,
                                            inception=inception, clip=clip)  # fmt: skip
     for name, values in per_example.items():
@@ -390,10 +398,10 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
     }
     with open(os.path.join(opts.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
+    write_index_html(os.path.join(opts.out, "index.html"), rows, result["metrics"])
     contact_sheet(examples, generated, opts.sheet_rows).save(
         os.path.join(opts.out, "contact_sheet.png")
     )
-    write_index_html(os.path.join(opts.out, "index.html"), rows, result["metrics"])
     report(f"evaluate: wrote {opts.out} ({len(examples)} examples): {result['metrics']}")
     return result
 

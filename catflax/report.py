@@ -12,12 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 from catflax.data import geometry, records, sources, synthetic
+from catflax.paths import copy_tree, is_remote
 from catflax.train import stages
 
 LOSS_NAMES = {"distill": "distillation", "denoise": "denoising"}
@@ -41,14 +45,13 @@ class LossCurve:
 
 def loss_curve(workdir: str, stage: str, fraction: float = 0.1) -> LossCurve:
     """From WORKDIR/<stage>/metrics.jsonl (one line per step; a resumed step counts once)."""
-    path = os.path.join(workdir, stage, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / stage / "metrics.jsonl"  # local or gs://
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics for stage {stage} (did it run?)")
     by_step = {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            by_step[int(row["step"])] = float(row["loss"])  # a re-run step: the latest value
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        by_step[int(row["step"])] = float(row["loss"])  # a re-run step: the latest value
     if not by_step:
         raise ValueError(f"{path}: no steps recorded")
     losses = np.asarray([by_step[s] for s in sorted(by_step)])
@@ -175,9 +178,26 @@ def save_example(example: ColourExample, directory: str) -> dict[str, str]:
 
 def run(config, workdir: str, mesh) -> dict:
     """Writes WORKDIR/export (inference directory), WORKDIR/samples.png and WORKDIR/report.json,
-    prints the report, and returns what report.json holds."""
+    prints the report, and returns what report.json holds. A WORKDIR on an object store gets
+    them written locally first and copied."""
+    out = tempfile.mkdtemp(prefix="catflax-report-") if is_remote(workdir) else workdir
+    try:
+        summary = _write_report(config, workdir, out, mesh)
+        if out != workdir:
+            copy_tree(out, workdir)
+    finally:
+        if out != workdir:
+            shutil.rmtree(out, ignore_errors=True)
+    return summary
+
+
+def _write_report(config, workdir: str, out: str, mesh) -> dict:
+    """The report's files written under `out`; the paths it names are under `workdir`."""
     from catflax import export
     from catflax.pipeline import CATPipeline
+
+    def final(path: str) -> str:  # where a file written under `out` ends up
+        return path if out == workdir else f"{workdir.rstrip('/')}/{os.path.relpath(path, out)}"
 
     lines, summary = ["", "=" * 32 + " report " + "=" * 32], {"losses": {}}
     for stage in config.stages:
@@ -192,8 +212,8 @@ def run(config, workdir: str, mesh) -> dict:
     pipe = CATPipeline.from_model(
         model, resolution=config.data.resolution, sampling=dict(config.sampling)
     )
-    summary["export"] = os.path.join(workdir, "export")
-    pipe.save_pretrained(summary["export"])
+    pipe.save_pretrained(os.path.join(out, "export"))
+    summary["export"] = final(os.path.join(out, "export"))
     name = sources.parse_mixture(config.data.eval_mixture)[0][0]
     if name.split("/")[0] == "synthetic_shapes":
         rcfg = config.report
@@ -208,20 +228,21 @@ def run(config, workdir: str, mesh) -> dict:
             f" (chance {check.chance:.1%}); the hidden original colour in {check.copied:.1%}; "
             f"original-colour pixels visible to the model: {check.leaked_pixels}"
         )
-        summary["samples"] = os.path.join(workdir, "samples.png")
         grid = sample_grid(examples[: rcfg.grid_rows], samples[: rcfg.grid_rows])
-        Image.fromarray(grid).save(summary["samples"])
+        Image.fromarray(grid).save(os.path.join(out, "samples.png"))
+        summary["samples"] = final(os.path.join(out, "samples.png"))
         lines.append(f"sample grid (masked input | mask | sample): {summary['samples']}")
-        summary["example"] = save_example(examples[0], os.path.join(workdir, "example"))
+        example = save_example(examples[0], os.path.join(out, "example"))
+        summary["example"] = {k: final(v) if k != "prompt" else v for k, v in example.items()}
     lines.append(f"inference export: {summary['export']}")
     if "example" in summary:
         ex = summary["example"]
         lines.append(
             f"try it: python -m catflax.inpaint --weights={summary['export']} "
             f'--image={ex["image"]} --mask={ex["mask"]} --prompt="{ex["prompt"]}" '
-            f"--out={os.path.join(workdir, 'example', 'out.png')}"
+            f"--out={final(os.path.join(out, 'example', 'out.png'))}"
         )
-    with open(os.path.join(workdir, "report.json"), "w") as f:
+    with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("\n".join(lines), flush=True)
     return summary

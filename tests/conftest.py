@@ -3,6 +3,9 @@
 import os
 import tempfile
 
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -22,3 +25,36 @@ import jax
 import catflax  # noqa: F401  (applies catflax's XLA:CPU flag defaults before jax starts)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------------------------------------
+# gs:// stood in for by a local folder: registered with fsspec under the gs/gcs protocols (what
+# etils.epath uses for gs:// without TensorFlow; gcsfs in production).
+
+
+class FakeGCS(LocalFileSystem):
+    """gs://BUCKET/PATH -> ROOT/BUCKET/PATH on the local disk."""
+
+    root = "/nonexistent"
+    protocol = ("gs", "gcs")
+
+    def __init__(self, *args, finalize_on_close=False, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = os.fspath(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                return os.path.join(cls.root, path[len(prefix) :]).rstrip("/")
+        return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setattr(FakeGCS, "root", str(tmp_path / "gcs"))
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    return tmp_path / "gcs"

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from catflax import paths
 from catflax.data import prepare, records, synthetic
 
 
@@ -306,7 +307,7 @@ def test_synthetic_shapes_colours_and_determinism():
 def test_built_tree_copies_to_another_data_dir(tmp_path):
     """What prepare does for a gs:// data_dir (build locally, copy the tree), between folders."""
     prepare.prepare("synthetic_shapes/tiny", str(tmp_path / "local"))
-    prepare._copy_tree(str(tmp_path / "local"), str(tmp_path / "remote"))
+    paths.copy_tree(str(tmp_path / "local"), str(tmp_path / "remote"))
     assert len(read_split(str(tmp_path / "remote"), "synthetic_shapes/tiny", "validation")) == 16
 
 

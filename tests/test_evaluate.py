@@ -162,6 +162,15 @@ def test_seg_masks_without_paste_back(setup, tmp_path):
     mask = records.decode_mask(record["mask"], image.size)
     want = np.asarray(Image.fromarray(mask).resize((RES, RES))) >= 128
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "00000.png")) > 0, want)
+    # Again into the same folder with one example: the earlier images go (they would join a
+    # folder-based FID's sets), FID/CLIP-FD are null (one image: no covariance), the rest is there.
+    clip_dir = setup[3]
+    assert evaluate.main(args(setup, out, "--masks=seg", "--num=1", f"--clip={clip_dir}")) == 0
+    for folder in ("images", "inputs", "masks"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["00000.png"]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["count"] == 1 and metrics["clip_fd"] is None
+    assert np.isfinite([metrics["clip_score"], metrics["cmmd"]]).all()
 
 
 def test_examples_get_soft_masks_and_stored_boxes():
@@ -211,6 +220,8 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys):
     assert "--masks='ellipse'" in capsys.readouterr().err
     assert evaluate.main(args(setup, tmp_path, "--split=nope")) == 1
     assert "no split 'nope'" in capsys.readouterr().err
+    assert evaluate.main(args(setup, tmp_path, "--sheet_rows=0")) == 1
+    assert "--sheet_rows=0" in capsys.readouterr().err
     assert evaluate.main([f"--out={tmp_path}"]) == 1
     assert "missing --weights, --dataset" in capsys.readouterr().err
     assert evaluate.main(args(setup, tmp_path, f"--clip={tmp_path / 'none'}")) == 1

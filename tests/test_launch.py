@@ -230,7 +230,7 @@ def test_run_on_all_workers(tmp_path):
     assert f"setsid nohup sh -c '{MAIN} --workdir=gs://bucket/runs/coco" in remote_command(start)
     follow_logs = 'tail -n +1 -F --pid="$(cat ~/catflax-run.pid)" ~/catflax-run.log'
     assert remote_command(follow) == follow_logs
-    assert "exit \"$s\"" in remote_command(status)  # then each worker's exit status
+    assert 'exit "$s"' in remote_command(status)  # then each worker's exit status
 
 
 def test_run_rejects_bad_requests(tmp_path):

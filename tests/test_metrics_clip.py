@@ -6,7 +6,6 @@ import torch
 import transformers
 
 from catflax.metrics import clip_score, distances
-from catflax.preprocess import clip_normalize
 from catflax.tokenizer import tokenize
 from catflax.weights.io import WeightFileError
 
@@ -162,19 +161,35 @@ def test_compute_metrics_runs_every_metric(tiny_clip):
     masks[:, 20:50, 30:60] = 255
     generated = np.where(masks[..., None] > 127, 255 - originals, originals).astype(np.uint8)
     generated[0, :5] = 0  # some change outside the mask too
-    summary, per_example = suite.compute_metrics(
-        list(generated), list(originals), list(masks), PROMPTS[:3], inception=net, clip=scorer
-    )
+    summary, per_example = suite.compute_metrics(  # batches of 2: preservation in two parts
+        list(generated), list(originals), list(masks), PROMPTS[:3], inception=net, clip=scorer,
+        batch_size=2,
+    )  # fmt: skip
     assert summary["count"] == 3 and per_example["clip_score_crop"].shape == (3,)
     expect = preservation.preservation_metrics(generated, originals, masks)
     assert summary["mse_outside"] == expect["mse_outside"] > 0
     assert summary["psnr_outside"] == expect["psnr_outside"]
+    outside = (masks <= 127)[..., None].repeat(3, -1)
+    diff = (generated.astype(np.float64) - originals) / 255.0
+    mse = [np.mean(d[o] ** 2) for d, o in zip(diff, outside)]  # the definition, in floats
+    np.testing.assert_allclose(per_example["mse_outside"], mse, rtol=1e-12)
     fid = distances.frechet_distance_from_features(
-        features.inception_features(net, originals), features.inception_features(net, generated)
-    )
+        features.inception_features(net, originals, 2),
+        features.inception_features(net, generated, 2),
+    )  # the same batches (XLA's float32 convolutions vary in the last bits with the batch)
     np.testing.assert_allclose(summary["fid"], fid, rtol=1e-6)
     emb_real, emb_fake = scorer.embed_images(originals), scorer.embed_images(generated)
     np.testing.assert_allclose(summary["cmmd"], distances.cmmd(emb_real, emb_fake), rtol=1e-6)
     scores = scorer.scores(PROMPTS[:3], generated, masks)
     np.testing.assert_allclose(summary["clip_score"], scores["clip_score"].mean(), rtol=1e-6)
+    clip_fd = distances.frechet_distance_from_features(emb_real, emb_fake)
+    np.testing.assert_allclose(summary["clip_fd"], clip_fd, rtol=1e-6)
     assert np.isfinite([summary[k] for k in ("fid", "clip_fd", "clip_score_crop")]).all()
+    # One image: no covariance, so FID and CLIP-FD are NaN; the rest is computed.
+    one, _ = suite.compute_metrics(
+        [generated[0]], [originals[0]], [masks[0]], PROMPTS[:1], inception=net, clip=scorer
+    )
+    assert np.isnan(one["fid"]) and np.isnan(one["clip_fd"])
+    assert np.isfinite([one[k] for k in ("cmmd", "clip_score", "mse_outside")]).all()
+    with pytest.raises(ValueError, match="no generated images"):
+        suite.compute_metrics([], [], [], [])

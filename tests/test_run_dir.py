@@ -1,9 +1,9 @@
 """The run directory: local or on an object store (gs://), what counts as a finished stage, and
 what stops a run (non-finite loss or gradient).
 
-Object stores are stood in for by a local folder registered with fsspec under the gs/gcs
-protocols (what etils.epath uses for gs:// without TensorFlow, gcsfs in production). Orbax's
-array data goes through TensorStore's own GCS driver, which this cannot stand in for.
+Object stores are stood in for by conftest's `fake_gcs` (a local folder registered with fsspec
+under the gs/gcs protocols). Orbax's array data goes through TensorStore's own GCS driver, which
+this cannot stand in for.
 """
 
 import json
@@ -13,40 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from catflax.train import loop
 from catflax.train.metrics import MetricWriter
 from catflax.train.samples import save_png
-
-
-class FakeGCS(LocalFileSystem):
-    """gs://BUCKET/PATH -> ROOT/BUCKET/PATH on the local disk."""
-
-    root = "/nonexistent"
-    protocol = ("gs", "gcs")
-
-    def __init__(self, *args, finalize_on_close=False, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = os.fspath(path)
-        for prefix in ("gs://", "gcs://"):
-            if path.startswith(prefix):
-                return os.path.join(cls.root, path[len(prefix) :]).rstrip("/")
-        return super()._strip_protocol(path)
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-    import fsspec
-
-    monkeypatch.setattr(FakeGCS, "root", str(tmp_path / "gcs"))
-    for name in FakeGCS.protocol:
-        fsspec.register_implementation(name, FakeGCS, clobber=True)
-    return tmp_path / "gcs"
 
 
 def test_run_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):

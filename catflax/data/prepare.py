@@ -24,17 +24,6 @@ from catflax.data import records
 NEEDS_SOURCE = ("coco_inpaint", "openimages_inpaint", "text_image_pairs")
 
 
-def _copy_tree(local_root: str, remote_root: str) -> None:
-    """Copies every file under local_root to the same relative path under remote_root."""
-    for folder, _, names in os.walk(local_root):
-        for name in names:
-            local = os.path.join(folder, name)
-            remote = epath.Path(remote_root) / os.path.relpath(local, local_root)
-            remote.parent.mkdir(parents=True, exist_ok=True)
-            with open(local, "rb") as src, remote.open("wb") as dst:
-                shutil.copyfileobj(src, dst, length=16 << 20)
-
-
 def prepare(
     dataset: str, data_dir: str, source: str | None = None, overwrite: bool = False
 ) -> dict[str, dict]:
@@ -69,7 +58,7 @@ def prepare(
             report.setdefault(split, records.SplitReport().as_dict())["written"] = info.num_examples
         report_path.write_text(json.dumps(report, indent=2))
     if remote:
-        _copy_tree(os.path.expanduser(build_dir), remote)
+        paths.copy_tree(os.path.expanduser(build_dir), remote)
         shutil.rmtree(build_dir, ignore_errors=True)
     return report
 

@@ -182,24 +182,32 @@ class CLIPScorer:
         )
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Projected image embeddings (N, P), not normalised, of uint8 RGB images (any sizes)."""
-        return map_batches(self.model, _embed_image, self.preprocess(images), self.batch_size)
+        """Projected image embeddings (N, P), not normalised, of uint8 RGB images (any sizes),
+        preprocessed one batch at a time."""
+        return map_batches(self.model, _embed_image, list(images), self.batch_size,
+                           prepare=self.preprocess)  # fmt: skip
 
     def scores(
         self,
         prompts: Sequence[str],
         images: Sequence[np.ndarray],
         masks: Sequence[np.ndarray] | None = None,
+        image_embeddings: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Per example (N,): `clip_score` of prompt vs whole image and, with masks, `clip_score_
-        crop` of prompt vs the square crop around the mask (NaN where a mask is empty)."""
+        crop` of prompt vs the square crop around the mask (NaN where a mask is empty).
+        `image_embeddings`: `embed_images(images)` where already computed."""
         if len(prompts) != len(images) or (masks is not None and len(masks) != len(images)):
             raise ValueError(
                 f"need one prompt and one mask per image: {len(prompts)} prompts, {len(images)} "
                 f"images, {'no' if masks is None else len(masks)} masks"
             )
         text = self.embed_prompts(prompts)
-        out = {"clip_score": clip_scores(text, self.embed_images(images))}
+        if image_embeddings is None:
+            image_embeddings = self.embed_images(images)
+        elif len(image_embeddings) != len(images):
+            raise ValueError(f"{len(image_embeddings)} image embeddings for {len(images)} images")
+        out = {"clip_score": clip_scores(text, image_embeddings)}
         if masks is not None:
             crops = [crop_to_mask(im, m) for im, m in zip(images, masks)]
             has = np.array([c is not None for c in crops])

@@ -30,10 +30,14 @@ def outside_mask_errors(
         )
     if masks.shape != outputs.shape[:3]:
         raise ValueError(f"masks {masks.shape} must be (B,H,W) = {outputs.shape[:3]}")
-    outside = (masks <= MASK_THRESHOLD)[..., None]  # (B,H,W,1)
-    diff = (outputs.astype(np.float64) - originals.astype(np.float64)) / 255.0
-    count = outside.sum(axis=(1, 2, 3)) * outputs.shape[-1]
-    sq_sum = np.where(outside, diff * diff, 0.0).sum(axis=(1, 2, 3))
+    # Exact integer sums, one image at a time (no float copies of a whole set).
+    count = np.zeros(len(outputs), np.int64)
+    sq_sum = np.zeros(len(outputs), np.int64)
+    for i, (out, orig, mask) in enumerate(zip(outputs, originals, masks)):
+        outside = mask <= MASK_THRESHOLD  # (H,W)
+        diff = out[outside].astype(np.int32) - orig[outside].astype(np.int32)  # (P, C)
+        count[i], sq_sum[i] = diff.size, np.einsum("pc,pc->", diff, diff, dtype=np.int64)
+    sq_sum = sq_sum / 255.0**2
     with np.errstate(divide="ignore", invalid="ignore"):
         mse = np.where(count > 0, sq_sum / np.maximum(count, 1), np.nan)
         psnr = np.where(mse > 0, 10.0 * np.log10(1.0 / mse), MAX_PSNR_DB)

@@ -34,7 +34,8 @@ def compute_metrics(
 
     FID (needs `inception`) and CLIP-FD / CMMD (need `clip`) compare `generated` with
     `reference` (default: the originals); CLIP scores need `clip`; preservation always runs.
-    Metrics whose model is not given are left out.
+    Metrics whose model is not given are left out; FID and CLIP-FD (a covariance each) are NaN
+    when either set has fewer than 2 images. Images are converted one batch at a time.
     """
     n = len(generated)
     if not (len(originals) == len(masks) == len(prompts) == n):
@@ -42,10 +43,16 @@ def compute_metrics(
             f"need as many originals, masks and prompts as generated images ({n}): got "
             f"{len(originals)}, {len(masks)}, {len(prompts)}"
         )
+    if n == 0:
+        raise ValueError("compute_metrics: no generated images")
     reference = originals if reference is None else reference
-    mse, psnr = preservation.outside_mask_errors(
-        np.stack(generated), np.stack(originals), np.stack(masks)
-    )
+    chunks = []  # preservation a batch at a time: no stacked copy of the whole set
+    for i in range(0, n, batch_size):
+        part = slice(i, i + batch_size)
+        chunks.append(preservation.outside_mask_errors(
+            np.stack(generated[part]), np.stack(originals[part]), np.stack(masks[part])
+        ))  # fmt: skip
+    mse, psnr = (np.concatenate(parts) for parts in zip(*chunks))
     per_example: dict[str, np.ndarray] = {"mse_outside": mse, "psnr_outside": psnr}
     summary: dict[str, float] = {
         "count": n,
@@ -53,15 +60,23 @@ def compute_metrics(
         "mse_outside": _nanmean(mse),
         "psnr_outside": _nanmean(psnr),
     }
+    covariances = min(n, len(reference)) >= 2  # FID / CLIP-FD fit one to each set
+
+    def frechet(real: np.ndarray, fake: np.ndarray) -> float:
+        if not covariances:
+            return float("nan")
+        return distances.frechet_distance_from_features(real, fake, fid_method)
+
     if inception is not None:
         fake = inception_features(inception, list(generated), batch_size)
         real = inception_features(inception, list(reference), batch_size)
-        summary["fid"] = distances.frechet_distance_from_features(real, fake, fid_method)
+        summary["fid"] = frechet(real, fake)
     if clip is not None:
-        scores = clip.scores(prompts, generated, masks)
+        fake = clip.embed_images(generated)  # once, for the CLIP score, CLIP-FD and CMMD
+        scores = clip.scores(prompts, generated, masks, image_embeddings=fake)
         per_example.update(scores)
         summary.update({name: _nanmean(values) for name, values in scores.items()})
-        fake, real = clip.embed_images(generated), clip.embed_images(reference)
-        summary["clip_fd"] = distances.frechet_distance_from_features(real, fake, fid_method)
+        real = clip.embed_images(reference)
+        summary["clip_fd"] = frechet(real, fake)
         summary["cmmd"] = distances.cmmd(real, fake)
     return summary, per_example
