@@ -28,7 +28,8 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         image.load()  # decode now: truncated or corrupt files fail here, not later
         # as displayed: a phone JPEG's EXIF rotation applied (the mask was drawn on that view)
         image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError, EOFError) as e:  # fmt: skip
         raise ImageReadError(f"{path}: not a readable {what} ({e})") from e
     return image
 

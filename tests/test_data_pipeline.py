@@ -104,6 +104,15 @@ def test_eval_is_deterministic_and_seed_free():
     assert first[-1]["valid"].tolist() == [True, True, False, False]
     ids = [i for b in first for i, v in zip(b["example_id"], b["valid"]) if v]
     assert ids == [records.text(r["example_id"]) for r in data]  # in order
+    # Worker processes get whole batches: the same batches, nothing dropped (each worker used
+    # to batch its own share of the examples and drop its remainder).
+    in_process = dataclasses.replace(config, tokenize=False)
+    workers = dataclasses.replace(in_process, num_workers=2)
+    expected = list(pipeline.make_iterator(in_process, [data], 0, 1))
+    got = list(pipeline.make_iterator(workers, [data], 0, 1))
+    assert len(got) == len(expected) == 3
+    for a, b in zip(expected, got):
+        assert_batches_equal(a, b)
     train = take(pipeline.make_iterator(SMALL, [data], 0, 1), 1)[0]
     train_again = take(pipeline.make_iterator(SMALL, [data], 0, 1), 1)[0]
     assert_batches_equal(train, train_again)  # training is deterministic from its seed too
@@ -122,6 +131,11 @@ def test_bad_records_are_skipped_and_counted():
     assert 18 <= skipped["empty_mask"] <= 20  # the empty mask and the vanishing dot
     summed = {r: sum(pipeline.skip_counts(b)[r] for b in batches) for r in pipeline.SKIP_REASONS}
     assert summed == skipped
+
+    # Nothing but bad records: an error that names them, not an endless search for a good one.
+    only_bad = pipeline.make_iterator(config, [bad_records()], 0, 1)
+    with pytest.raises(ValueError, match=r"records in a row that were all skipped.*bad/image"):
+        next(only_bad)
 
     config = dataclasses.replace(config, mode="eval")
     batches = list(pipeline.make_iterator(config, [data], 0, 1))

@@ -5,8 +5,10 @@ import dataclasses
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -260,7 +262,15 @@ def test_missing_and_unreadable_files_are_named(pipe, saved, tmp_path):
     Image.fromarray(image).save(tmp_path / "whole.png")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:200])
-    for bad in (garbage, truncated):
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    bomb = tmp_path / "bomb.png"  # a PNG that claims 20000x20000 pixels: PIL refuses to decode it
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b""))
+    for bad in (garbage, truncated, bomb):
         with pytest.raises(ImageReadError, match=f"{bad}: not a readable image"):
             inpaint.run(inpaint.parse([*base, f"--image={bad}"]), pipeline=pipe)
         with pytest.raises(ImageReadError, match=f"{bad}: not a readable mask"):

@@ -17,11 +17,14 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
 from catflax.data import geometry, records, sources
 from catflax.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 SKIP_REASONS = ("corrupt_image", "unreadable_mask", "empty_mask")
+LOGGED_SKIPS_PER_REASON = 5  # per worker: the first skipped records of each reason, by id
+MAX_SKIPS_IN_A_ROW = 1000  # training stops on a source this bad rather than spin on it
 TEXT_KEYS = ("prompt", "example_id")  # object arrays of str: keep them off the device
 
 
@@ -46,7 +49,9 @@ class PipelineConfig:
     eval_crop: bool = False  # eval: centred crop around the mask instead of the plain resize
     tokenize: bool = True  # add input_ids (B, 77) int32
     tokenizer_path: str = ""  # "" = CLIP tokenizer built offline
-    num_epochs: int | None = None  # train: None = endless; eval always makes one pass
+    # train: None = endless (what the trainer uses; a finite count gives processes with unequal
+    # shards unequal batch counts, so use it on one process only); eval always makes one pass
+    num_epochs: int | None = None
     mixture_block: int = 1000  # mixture proportions are exact per this many examples
 
     def __post_init__(self):
@@ -191,7 +196,7 @@ class ExampleTransform:
     def _placeholder(self, source: int, reason: str | None, example_id: str) -> dict:
         """Train: a marker the skip stage drops and counts. Eval: zeros with valid False."""
         if self.config.mode == "train":
-            return {"skip": reason}
+            return {"skip": reason, "example_id": example_id}
         spec = batch_spec(dataclasses.replace(self.config, batch_size=1))
         example = {
             k: np.zeros(shape[1:], dtype)
@@ -233,13 +238,36 @@ class _DropSkippedDataset(grain.IterDataset):
 
 
 class _DropSkippedIterator(grain.DatasetIterator):
+    """Logs the first few skipped records of each reason by id; stops a source of bad data
+    (MAX_SKIPS_IN_A_ROW records in a row skipped) instead of looking for a good one forever."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._logged = dict.fromkeys(SKIP_REASONS, 0)
+
     def __next__(self) -> dict:
         pending = dict.fromkeys(SKIP_REASONS, 0)
+        examples: list[str] = []
         while True:
             example = next(self._parent)
             if "skip" not in example:
                 break
-            pending[example["skip"]] += 1
+            reason, example_id = example["skip"], example["example_id"]
+            pending[reason] += 1
+            if len(examples) < 5:
+                examples.append(f"{example_id} ({reason})")
+            if self._logged[reason] < LOGGED_SKIPS_PER_REASON:
+                self._logged[reason] += 1
+                more = self._logged[reason] == LOGGED_SKIPS_PER_REASON
+                logging.warning("data: skipped %s: %s%s", example_id, reason,
+                                " (further ones are only counted)" if more else "")  # fmt: skip
+            if sum(pending.values()) >= MAX_SKIPS_IN_A_ROW:
+                counts = {r: c for r, c in pending.items() if c}
+                raise ValueError(
+                    f"the training data gave {MAX_SKIPS_IN_A_ROW} records in a row that were all "
+                    f"skipped ({counts}; e.g. {examples}): "
+                    "check data.data_dir, the mixture, and masks that vanish at data.resolution"
+                )
         for reason, count in pending.items():
             example[f"skipped_{reason}"] = np.int32(count)
         return example
@@ -309,15 +337,19 @@ def make_dataset(
     if config.mode == "train":
         ds = _train_records(config, data_sources, index, count)
         ds = ds.random_map(transform, seed=sources.fold_seed(config.seed, index, 1))
-    else:
+        read = grain.ReadOptions(
+            num_threads=config.read_threads,
+            prefetch_buffer_size=config.prefetch * config.batch_size,
+        )
+        ds = _DropSkippedDataset(ds.to_iter_dataset(read))
+        ds = ds.batch(config.batch_size, drop_remainder=True)
+    else:  # whole batches before the workers split the work: each worker gets whole batches
         ds = _eval_records(config, data_sources, index, count).map(transform)
-    read = grain.ReadOptions(
-        num_threads=config.read_threads, prefetch_buffer_size=config.prefetch * config.batch_size
-    )
-    ds = ds.to_iter_dataset(read)
-    if config.mode == "train":
-        ds = _DropSkippedDataset(ds)
-    ds = ds.batch(config.batch_size, drop_remainder=True)
+        ds = ds.batch(config.batch_size)  # the records are padded to whole batches
+        read = grain.ReadOptions(
+            num_threads=config.read_threads, prefetch_buffer_size=config.prefetch
+        )
+        ds = ds.to_iter_dataset(read)
     if config.num_workers > 0:
         _absl_flags_ready()
         ds = ds.mp_prefetch(

@@ -139,8 +139,9 @@ def padded_shard_length(num_records: int, process_count: int) -> int:
 
 class BlockMixture(grain.transforms.DatasetSelectionMap):
     """Mixes datasets with exact proportions per block of `block` elements, randomly ordered
-    inside each block (seeded). Proportions hold in every batch and stay independent of how
-    grain slices elements across worker processes."""
+    inside each block (seeded): a batch smaller than a block holds them only on average (as the
+    reference's per-example draw). The mix is independent of how grain slices elements across
+    worker processes."""
 
     def __init__(self, weights, lengths, seed: int, block: int = 1000, finite: bool = False):
         weights = np.asarray(weights, np.float64) / np.sum(weights)
