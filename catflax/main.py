@@ -42,6 +42,22 @@ def report_sizes(config) -> dict[str, int]:
     return counts
 
 
+def check_config(config) -> None:
+    """Training settings the trainer cannot run with, refused before anything is built."""
+    from catflax import sharding
+    from catflax.models.cat import ConfigError
+
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        value = config.train[name]
+        if value < 1:  # keep_checkpoints=0 would have orbax delete every checkpoint it saves
+            raise ConfigError(f"config.train.{name}={value} must be at least 1")
+    try:
+        rules = sharding.normalize_rules(dict(config.sharding_rules))
+    except ValueError as e:
+        raise ConfigError(f"config.sharding_rules: {e}") from e
+    logging.info("sharding rules: %s", rules)
+
+
 def train_and_evaluate(config, workdir: str) -> None:
     """Runs the configured training stages in order, each resuming where it stopped."""
     import jax
@@ -49,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> None:
     from catflax import distributed, sharding
     from catflax.weights import pretrained
 
+    check_config(config)
     report_sizes(config)
     if config.dry_run:
         return

@@ -21,10 +21,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both
 
 # Default rules: every matrix is split along its output side over fsdp and tensor together.
-# A value may be one mesh axis or a tuple of them. Splitting a kernel in two dimensions at once
-# ({in: fsdp, out: tensor}) gave wrong gradients on XLA:CPU with jax 0.10.2 (loss right, grads
-# off; see tests/test_train_steps.py), so the defaults stay one-dimensional until that is
-# verified on accelerators.
+# A value may be one mesh axis or a tuple of them (in a config: "fsdp,tensor"; "" replicates).
+# Splitting a kernel in two dimensions at once ({in: fsdp, out: tensor}) gave wrong gradients on
+# XLA:CPU with jax 0.10.2 (loss right, grads off; see tests/test_train_steps.py), so the defaults
+# stay one-dimensional until that is verified on accelerators.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "linear_in": None,
     "linear_out": ("fsdp", "tensor"),
@@ -107,15 +107,38 @@ def logical_axes(model: nnx.Module) -> dict[tuple, tuple[str | None, ...]]:
     return names
 
 
+Rule = str | Sequence[str] | None
+
+
+def normalize_rules(rules: Mapping[str, Rule] | None) -> dict[str, tuple[str, ...]]:
+    """DEFAULT_RULES updated by `rules`, each as a tuple of mesh axes. A rule is a mesh axis, a
+    tuple of them, a comma-separated string ("fsdp,tensor": how the config spells it, since
+    ml_collections cannot override a None or change a tuple's length), or None / "" (replicate).
+    Unknown logical names or mesh axes are an error that names them."""
+    out = {}
+    for name, rule in {**DEFAULT_RULES, **(rules or {})}.items():
+        if name not in DEFAULT_RULES:
+            known = list(DEFAULT_RULES)
+            raise ValueError(f"sharding rule {name!r}: no such logical axis (known: {known})")
+        if isinstance(rule, str):
+            rule = rule.split(",")
+        axes = tuple(a.strip() for a in rule or () if a and a.strip())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"sharding rule {name}={rule!r}: {bad} not mesh axes {MESH_AXES}")
+        out[name] = axes
+    return out
+
+
 def partition_spec(
-    shape: Sequence[int], axes: Sequence[str | None], rules: Mapping[str, str | None], mesh: Mesh
+    shape: Sequence[int], axes: Sequence[str | None], rules: Mapping[str, Rule], mesh: Mesh
 ) -> PartitionSpec:
     """The PartitionSpec for one array; a mesh axis is used once and only where it divides."""
     used, spec = set(), []
     for size, name in zip(shape, axes):
         mesh_axes = rules.get(name) if name else None
         if isinstance(mesh_axes, str):
-            mesh_axes = (mesh_axes,)
+            mesh_axes = tuple(a for a in mesh_axes.split(",") if a)
         # Keep the axes (in order) that are unused and still divide the dimension.
         kept, split = [], 1
         for axis in mesh_axes or ():
@@ -128,10 +151,11 @@ def partition_spec(
 
 
 def param_shardings(
-    model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] | None = None
+    model: nnx.Module, mesh: Mesh, rules: Mapping[str, Rule] | None = None
 ) -> dict[tuple, NamedSharding]:
-    """NamedSharding of every parameter path of `model` (use an `nnx.eval_shape` model)."""
-    rules = {**DEFAULT_RULES, **(rules or {})}
+    """NamedSharding of every parameter path of `model` (use an `nnx.eval_shape` model) under
+    DEFAULT_RULES updated by `rules` (see normalize_rules)."""
+    rules = normalize_rules(rules)
     axes = logical_axes(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -79,8 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
     # ------------------------------------------------------------------ training (SPEC.md §5)
     config.stages = ("1a", "1b", "2a", "2b")  # run in this order; a finished stage is skipped
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 fills
-    # Logical parameter axis -> mesh axis (see catflax/sharding.py); None replicates.
-    config.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES))
+    # Logical parameter axis -> mesh axes, comma-separated ("fsdp,tensor"); "" replicates
+    # (catflax/sharding.py), e.g. --config.sharding_rules.linear_in=fsdp
+    config.sharding_rules = ml_collections.ConfigDict(
+        {name: ",".join(axes or ()) if not isinstance(axes, str) else axes
+         for name, axes in DEFAULT_RULES.items()}
+    )  # fmt: skip
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.weight_decay = 1e-2  # AdamW, torch's default as in the reference
     config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0: off, as the reference

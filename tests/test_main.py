@@ -36,9 +36,21 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
 
 
 def test_override_changes_the_model(tmp_path):
-    result = run_main(tmp_path, "--config.dry_run=True", "--config.model.clip_text.num_layers=3")
+    result = run_main(tmp_path, "--config.dry_run=True", "--config.model.clip_text.num_layers=3",
+                      "--config.sharding_rules.linear_in=fsdp")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "'num_layers': 3" in result.stdout
+    assert "'linear_in': ('fsdp',)" in result.stderr  # a replicated rule can be overridden
+
+
+def test_bad_training_settings_are_refused_up_front(tmp_path):
+    for override, message in (
+        ("--config.train.keep_checkpoints=0", "config.train.keep_checkpoints=0 must be at least 1"),
+        ("--config.sharding_rules.linear_out=fsdp,nope", "['nope'] not mesh axes"),
+    ):
+        result = run_main(tmp_path, override)
+        assert result.returncode != 0 and "catflax: bad config" in result.stderr, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_clip_normalize_uses_clip_mean_and_std():

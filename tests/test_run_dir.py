@@ -39,9 +39,11 @@ def test_metrics_and_images_reach_an_object_store(fake_gcs, capsys):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
     events = list((on_store / "tensorboard").iterdir())
     assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+    writer.record(4, {"loss": 0.3})  # past the last checkpoint (3), written at close
     writer.close()
 
-    # A resumed run keeps what the first one wrote; its ETA counts only its own steps.
+    # A resumed run keeps what the first one wrote up to its checkpoint (step 4 is redone);
+    # its ETA counts only its own steps.
     resumed = MetricWriter(f"{stage_dir}/tensorboard", total_steps=10, stage="1a", first_step=3)
     resumed.record(4, {"loss": 0.25})
     resumed.start -= 10.0  # 10 s for its one step -> 6 steps left take 60 s
@@ -54,6 +56,30 @@ def test_metrics_and_images_reach_an_object_store(fake_gcs, capsys):
     grid = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
     save_png(f"{stage_dir}/samples/3.png", grid)
     np.testing.assert_array_equal(np.asarray(Image.open(on_store / "samples" / "3.png")), grid)
+
+
+def test_a_resumed_stage_redoes_the_rows_past_its_checkpoint(tmp_path):
+    """Killed at step 6 with the last checkpoint at 3: the resumed run's steps 4-6 replace the
+    first run's, in metrics.jsonl and validation.jsonl (one row per step)."""
+    logdir = str(tmp_path / "1a" / "tensorboard")
+    first = MetricWriter(logdir, total_steps=8, stage="1a")
+    for step in range(1, 7):
+        first.record(step, {"loss": 1.0})
+        if step % 2 == 0:
+            first.record(step, {"val_loss": 1.0}, name="validation")
+    first.close()
+    resumed = MetricWriter(logdir, total_steps=8, stage="1a", first_step=3)
+    for step in range(4, 9):
+        resumed.record(step, {"loss": 2.0})
+        if step % 2 == 0:
+            resumed.record(step, {"val_loss": 2.0}, name="validation")
+    resumed.close()
+    rows = [json.loads(x) for x in (tmp_path / "1a" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [
+        (s, 1.0 if s <= 3 else 2.0) for s in range(1, 9)
+    ]
+    rows = [json.loads(x) for x in (tmp_path / "1a" / "validation.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_loss"]) for r in rows] == [(2, 1.0), (4, 2.0), (6, 2.0), (8, 2.0)]
 
 
 def test_a_stage_counts_as_finished_only_once_its_final_save_committed(tmp_path):
@@ -125,3 +151,47 @@ def test_peak_flops_come_from_the_config_or_the_device_kind():
     assert peak_flops_per_device(0, "TPU v5 lite") == 197e12
     assert peak_flops_per_device(0, "TPU v5") == 459e12
     assert peak_flops_per_device(0, "cpu") == 0.0
+
+
+def test_a_resume_with_a_changed_data_stream_is_warned_about(tmp_path, caplog):
+    """The config saved with a checkpoint comes back; a resume that changes what the data stream
+    depends on (seed, batch size, mixture, resolution) is logged, field by field."""
+    from catflax.train.checkpoint import Checkpointer
+    from configs import demo
+
+    config = demo.get_config()
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt.save(3, {"w": jnp.zeros(2)}, None, config)
+    saved = ckpt.saved_config(3)
+    ckpt.close()
+    assert saved["train"]["batch_size"] == config.train.batch_size
+    changed = config.copy_and_resolve_references()
+    changed.seed, changed.train.batch_size = 7, 2 * config.train.batch_size
+    with caplog.at_level("WARNING"):
+        loop._warn_data_changes(saved, config, "1b")
+        assert not caplog.records
+        loop._warn_data_changes(saved, changed, "1b")
+    assert [r.getMessage().split(" was ")[0] for r in caplog.records] == [
+        "stage 1b: config.seed", "stage 1b: config.train.batch_size"
+    ]  # fmt: skip
+
+
+def test_a_stage_whose_earlier_stages_did_not_run_is_warned_about(tmp_path, caplog):
+    """Stage 2a alone: its inpainter should start from 1a's and its frozen UNet be 1b's."""
+    from configs import demo
+
+    config = demo.get_config()
+    with caplog.at_level("WARNING"):
+        loop._warn_missing_merges(config, str(tmp_path), "2a", [])
+        messages = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        loop._warn_missing_merges(config, str(tmp_path), "2a", ["inpainter from stage 1a",
+                                                                 "unet from stage 1b"])  # fmt: skip
+        loop._warn_missing_merges(config, str(tmp_path), "1b", [])  # nothing before it
+        config.weights.cat = "/some/official/checkpoint"  # the parts come from there
+        loop._warn_missing_merges(config, str(tmp_path), "2b", [])
+        assert not caplog.records
+    assert len(messages) == 2
+    assert messages[0].startswith("stage 2a: the inpainter should come from stage 1a")
+    assert messages[1].startswith("stage 2a: the unet should come from stage 1b")
+    assert messages[1].endswith("frozen in this stage")

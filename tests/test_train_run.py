@@ -159,6 +159,14 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     saved = [int(d) for d in os.listdir(tmp_path / "1a" / "checkpoints") if d.isdigit()]
     assert saved and 0 < max(saved) < 100000
     assert "SIGTERM" in err
+    # A notice that comes after a stage's last batch (here: during its final save) stops the
+    # run before the next stage starts, still with exit code 0.
+    late = run_main(tmp_path / "late", *steps(2, ("1a", "1b")),
+                    env=env_for({"CATFLAX_TEST_TERM_AT_FINAL": "1a"}))  # fmt: skip
+    assert late.returncode == 0, late.stderr[-3000:]
+    assert "stage 1a: preempted (SIGTERM) after its last step" in late.stderr
+    assert os.path.isdir(tmp_path / "late" / "1a" / "final")
+    assert not os.path.exists(tmp_path / "late" / "1b")
 
 
 def test_resume_after_an_interrupted_final_save(tmp_path):

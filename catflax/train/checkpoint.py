@@ -47,6 +47,16 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return step, _unstorable(restored["state"], abstract_state)
 
+    def saved_config(self, step: int) -> dict | None:
+        """The config saved with checkpoint `step` (as JSON), or None if it has none."""
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )
+        except (KeyError, ValueError, FileNotFoundError):
+            return None
+        return restored["config"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -55,7 +55,8 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             local = tempfile.mkdtemp(prefix="catflax-tb-") if self._remote else str(logdir)
-            self.writer = SummaryWriter(local)
+            # TensorBoard hides the earlier run's events past the resume step (redone now).
+            self.writer = SummaryWriter(local, purge_step=first_step + 1)
 
     def record(self, step: int, values: Mapping[str, float], name: str = "metrics") -> None:
         """Appends a line to <stage>/<name>.jsonl: metrics.jsonl has one per step (the raw
@@ -64,12 +65,19 @@ class MetricWriter:
             return
         line = json.dumps({"step": step, **values}) + "\n"
         path = self.stage_dir / f"{name}.jsonl"
+        if name not in self._records:  # a resumed run: the earlier run's rows up to its resume
+            # step come first; rows past it are redone now (they came after the checkpoint)
+            kept = []
+            if path.exists():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [row for row in lines if json.loads(row)["step"] <= self.first_step]
+            self._records[name] = kept if self._remote else []
+            if not self._remote:
+                path.write_text("".join(kept))
         if not self._remote:
             with path.open("a") as f:
                 f.write(line)
             return
-        if name not in self._records:  # a resumed run: what the earlier run wrote comes first
-            self._records[name] = [path.read_text()] if path.exists() else []
         self._records[name].append(line)
 
     def flush(self) -> None:
