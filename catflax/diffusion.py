@@ -154,7 +154,7 @@ def initial_noise(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> 
 
 
 def step_noise(key: jax.Array, step: int | jax.Array, shape: tuple[int, ...], dtype=jnp.float32):
-    """The noise `ddim_sample` adds at sampling step `step` (0 = first) when eta > 0."""
+    """The noise `ddim_sample` adds at sampling step `step` (0 = first) when stochastic."""
     return jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], step), shape, dtype)
 
 
@@ -221,7 +221,8 @@ def _ddim_sample(
         t_B = jnp.full((x.shape[0],), timesteps[i], jnp.int32)
         eps = guided_eps(model_fn, x, t_B, cond, uncond, guidance_scale)
         noise = per_key(step_noise, i).astype(x.dtype) if stochastic else None
-        x_prev, _ = ddim_step(x, eps, alpha_t[i], alpha_prev[i], eta, noise)
+        # not stochastic: deterministic DDIM whatever `eta` (an array eta cannot be checked)
+        x_prev, _ = ddim_step(x, eps, alpha_t[i], alpha_prev[i], eta if stochastic else 0.0, noise)
         return x_prev
 
     return jax.lax.fori_loop(0, num_steps, body, x)

@@ -365,8 +365,9 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
                          prompt=example.prompt, seed=opts.seed + number, **names))  # fmt: skip
     prompts = [e.prompt for e in examples]
     originals, masks = [e.image for e in examples], [e.mask for e in examples]
-    if len(examples) < 2 and (inception is not None or clip is not None):
-        report("evaluate: FID and CLIP-FD need at least 2 images (a covariance each): null")
+    needs_two = [m for m, model in (("FID", inception), ("CLIP-FD", clip)) if model is not None]
+    if len(examples) < 2 and needs_two:
+        report(f"evaluate: {' and '.join(needs_two)} need at least 2 images (a covariance): null")
     summary, per_example = compute_metrics(generated, originals, masks, prompts,
                                            inception=inception, clip=clip)  # fmt: skip
     for name, values in per_example.items():

@@ -199,6 +199,9 @@ def _write_report(config, workdir: str, out: str, mesh) -> dict:
     def final(path: str) -> str:  # where a file written under `out` ends up
         return path if out == workdir else f"{workdir.rstrip('/')}/{os.path.relpath(path, out)}"
 
+    def here(path: str) -> str:  # how the "try it" line names it (copied to the current folder)
+        return path if out == workdir else os.path.relpath(path, out)
+
     lines, summary = ["", "=" * 32 + " report " + "=" * 32], {"losses": {}}
     for stage in config.stages:
         curve = loss_curve(workdir, stage)
@@ -236,11 +239,15 @@ def _write_report(config, workdir: str, out: str, mesh) -> dict:
         summary["example"] = {k: final(v) if k != "prompt" else v for k, v in example.items()}
     lines.append(f"inference export: {summary['export']}")
     if "example" in summary:
-        ex = summary["example"]
+        if out != workdir:  # catflax.inpaint reads local files: copy them first
+            lines.append(
+                f"copy them here: gcloud storage cp -r {summary['export']} "
+                f"{final(os.path.join(out, 'example'))} ."
+            )
         lines.append(
-            f"try it: python -m catflax.inpaint --weights={summary['export']} "
-            f'--image={ex["image"]} --mask={ex["mask"]} --prompt="{ex["prompt"]}" '
-            f"--out={final(os.path.join(out, 'example', 'out.png'))}"
+            f"try it: python -m catflax.inpaint --weights={here(os.path.join(out, 'export'))} "
+            f"--image={here(example['image'])} --mask={here(example['mask'])} "
+            f'--prompt="{example["prompt"]}" --out={here(os.path.join(out, "example", "out.png"))}'
         )
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(summary, f, indent=2)

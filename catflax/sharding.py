@@ -120,9 +120,8 @@ def normalize_rules(rules: Mapping[str, Rule] | None) -> dict[str, tuple[str, ..
         if name not in DEFAULT_RULES:
             known = list(DEFAULT_RULES)
             raise ValueError(f"sharding rule {name!r}: no such logical axis (known: {known})")
-        if isinstance(rule, str):
-            rule = rule.split(",")
-        axes = tuple(a.strip() for a in rule or () if a and a.strip())
+        parts = rule.split(",") if isinstance(rule, str) else rule or ()
+        axes = tuple(a.strip() for a in parts if a and a.strip())
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
             raise ValueError(f"sharding rule {name}={rule!r}: {bad} not mesh axes {MESH_AXES}")

@@ -207,5 +207,8 @@ def test_eta_is_traced():
     np.testing.assert_allclose(
         diffusion.ddim_sample(toy_model_jax, cond, eta=jnp.float32(0.0), **kw), zero, atol=1e-6
     )
+    # stochastic=False is deterministic DDIM whatever the (unchecked, traced) eta says.
+    plain = diffusion.ddim_sample(toy_model_jax, cond, eta=jnp.float32(0.5), stochastic=False, **kw)
+    np.testing.assert_allclose(plain, zero, atol=1e-6)
     with pytest.raises(ValueError, match="stochastic=True"):
         diffusion.ddim_sample(toy_model_jax, cond, eta=0.5, stochastic=False, **kw)

@@ -362,12 +362,13 @@ def test_export_errors_are_clear(run, tmp_path, capsys):
         export.load_run(str(tmp_path / "empty"))
 
 
-def test_report_of_a_run_on_an_object_store(run, fake_gcs, monkeypatch):
+def test_report_of_a_run_on_an_object_store(run, fake_gcs, monkeypatch, capsys, tmp_path):
     """The end-of-run report with a gs:// workdir (the README's TPU smoke test on one host): loss
     curves read from the bucket, the export and report.json written locally and copied there."""
     from catflax import report
 
     workdir, config, _, _ = run
+    data_dir = tmp_path / "data"  # synthetic_shapes/tiny, generated for the colour check
     shutil.copytree(workdir, fake_gcs / "bucket" / "run")
     for stage in ("1a", "1b", "2a", "2b"):
         rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 11)]
@@ -376,11 +377,20 @@ def test_report_of_a_run_on_an_object_store(run, fake_gcs, monkeypatch):
     load_run = export.load_run
     monkeypatch.setattr(export, "load_run", lambda _, mesh=None: load_run(workdir, mesh=mesh))
     config = config.copy_and_resolve_references()
-    config.data.eval_mixture = "coco_inpaint"  # not synthetic: no colour check here
+    config.data.eval_mixture, config.data.data_dir = "synthetic_shapes/tiny", str(data_dir)
+    config.report.num_images = config.report.grid_rows = 2
+    config.sampling.num_steps = 2
     summary = report.run(config, "gs://bucket/run", mesh=None)
     assert summary["export"] == "gs://bucket/run/export"
+    assert summary["example"]["image"] == "gs://bucket/run/example/image.png"
     assert all(curve["fell"] for curve in summary["losses"].values())
-    written = json.loads((fake_gcs / "bucket" / "run" / "report.json").read_text())
-    assert written == json.loads(json.dumps(summary))
-    pipe = CATPipeline.from_pretrained(str(fake_gcs / "bucket" / "run" / "export"))
+    on_store = fake_gcs / "bucket" / "run"
+    assert json.loads((on_store / "report.json").read_text()) == json.loads(json.dumps(summary))
+    assert (on_store / "samples.png").is_file() and (on_store / "example" / "mask.png").is_file()
+    pipe = CATPipeline.from_pretrained(str(on_store / "export"))
     assert pipe.resolution == config.data.resolution
+    # The printed command names local copies (catflax.inpaint reads local files).
+    out = capsys.readouterr().out
+    copy = "copy them here: gcloud storage cp -r gs://bucket/run/export gs://bucket/run/example ."
+    assert copy in out
+    assert "try it: python -m catflax.inpaint --weights=export --image=example/image.png" in out

@@ -224,10 +224,15 @@ def test_run_on_all_workers(tmp_path):
     main = f"{MAIN} --workdir=gs://bucket/runs/coco --x=1"
     record = "echo $? > ~/catflax-run.status"  # sh -c '...' records the exit status
     env_words = "env LIBTPU_INIT_ARGS='\\''--a=1 --b'\\'' X=1"
-    assert f"setsid nohup sh -c '{env_words} {main}; {record}' > ~/catflax-run.log" in command
+    assert (
+        f"setsid nohup sh -c 'trap : TERM; {env_words} {main}; {record}' > ~/catflax-run.log"
+        in command
+    )
     # --foreground starts the same background run, then follows the logs (Ctrl-C: only that).
     start, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
-    assert f"setsid nohup sh -c '{MAIN} --workdir=gs://bucket/runs/coco" in remote_command(start)
+    assert f"nohup sh -c 'trap : TERM; {MAIN} --workdir=gs://bucket/runs/coco" in remote_command(
+        start
+    )
     follow_logs = 'tail -n +1 -F --pid="$(cat ~/catflax-run.pid)" ~/catflax-run.log'
     assert remote_command(follow) == follow_logs
     assert 'exit "$s"' in remote_command(status)  # then each worker's exit status
@@ -309,10 +314,13 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
             os.killpg(pid, 0)  # the whole group is gone
         assert not (home / "catflax-run.pid").exists()
         assert "no catflax run" in worker(remote_command(stop)).stdout
-        # --foreground: follow the logs until the run ends, then report its exit status.
+        # --foreground: follow the logs until the run ends, then report its exit status. The
+        # stand-in dies of SIGTERM (143); catflax saves a checkpoint and exits 0.
         _, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
         stopped_status = worker(remote_command(status))
-        assert stopped_status.returncode == 1 and "no exit status" in stopped_status.stderr
+        assert stopped_status.returncode == 143 and "exited with 143" in stopped_status.stdout
+        (home / "catflax-run.status").unlink()
+        assert "no exit status" in worker(remote_command(status)).stderr
         failing = [*RUN_ARGS, "--env", "RUN_TAG=fails", "--foreground"]
         start, follow, status = tpu(tmp_path, "run", *failing)
         assert worker(remote_command(start)).returncode == 0

@@ -68,6 +68,8 @@ def test_a_resumed_stage_redoes_the_rows_past_its_checkpoint(tmp_path):
         if step % 2 == 0:
             first.record(step, {"val_loss": 1.0}, name="validation")
     first.close()
+    with open(tmp_path / "1a" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a write cut off by the kill: dropped, not a crash
     resumed = MetricWriter(logdir, total_steps=8, stage="1a", first_step=3)
     for step in range(4, 9):
         resumed.record(step, {"loss": 2.0})

@@ -25,6 +25,7 @@ from catflax.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 SKIP_REASONS = ("corrupt_image", "unreadable_mask", "empty_mask")
 LOGGED_SKIPS_PER_REASON = 5  # per worker: the first skipped records of each reason, by id
 MAX_SKIPS_IN_A_ROW = 1000  # training stops on a source this bad rather than spin on it
+NAMED_IN_ERROR = 5  # skipped records that error names
 TEXT_KEYS = ("prompt", "example_id")  # object arrays of str: keep them off the device
 
 
@@ -254,7 +255,7 @@ class _DropSkippedIterator(grain.DatasetIterator):
                 break
             reason, example_id = example["skip"], example["example_id"]
             pending[reason] += 1
-            if len(examples) < 5:
+            if len(examples) < NAMED_IN_ERROR:
                 examples.append(f"{example_id} ({reason})")
             if self._logged[reason] < LOGGED_SKIPS_PER_REASON:
                 self._logged[reason] += 1
@@ -346,8 +347,9 @@ def make_dataset(
     else:  # whole batches before the workers split the work: each worker gets whole batches
         ds = _eval_records(config, data_sources, index, count).map(transform)
         ds = ds.batch(config.batch_size)  # the records are padded to whole batches
-        read = grain.ReadOptions(
-            num_threads=config.read_threads, prefetch_buffer_size=config.prefetch
+        read = grain.ReadOptions(  # elements are batches: keep every read thread busy
+            num_threads=config.read_threads,
+            prefetch_buffer_size=max(config.prefetch, config.read_threads),
         )
         ds = ds.to_iter_dataset(read)
     if config.num_workers > 0:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 from catflax import paths
@@ -69,8 +70,8 @@ class MetricWriter:
             # step come first; rows past it are redone now (they came after the checkpoint)
             kept = []
             if path.exists():
-                lines = path.read_text().splitlines(keepends=True)
-                kept = [row for row in lines if json.loads(row)["step"] <= self.first_step]
+                kept = [row for row in path.read_text().splitlines(keepends=True)
+                        if _step_of(row, path) <= self.first_step]  # fmt: skip
             self._records[name] = kept if self._remote else []
             if not self._remote:
                 path.write_text("".join(kept))
@@ -117,6 +118,15 @@ class MetricWriter:
         if self.writer is not None:
             self.writer.close()
             self.flush()
+
+
+def _step_of(row: str, path) -> float:
+    """The step of a .jsonl row; a row that does not parse (a write cut off) sorts last."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        logging.warning("%s: dropped an unreadable row: %r", path, row[:80])
+        return math.inf
 
 
 def _bar(fraction: float, width: int = 20) -> str:

@@ -55,9 +55,12 @@ remote+=" echo \"catflax already runs on \$(hostname): stop.sh first\" >&2; exit
 # The previous run's log is kept as .1 (e.g. the run that crashed and is being restarted).
 remote+="; if [ -e ~/$REMOTE_LOG ]; then mv -f ~/$REMOTE_LOG ~/$REMOTE_LOG.1; fi"
 # setsid: the run leads its own process group, which stop.sh signals as a whole.
-# sh records the run's exit status when it ends (not when a signal ends sh itself: stop.sh).
+# sh records the run's exit status when it ends. It ignores SIGTERM itself (a trap that runs
+# a command; python gets the default handling back) and so lives exactly as long as the run:
+# the pid file, tail --pid and the "already runs" guard follow the run, and a run stopped by
+# stop.sh or a preemption notice records its own status (0 after its checkpoint).
 remote+="; rm -f ~/$REMOTE_STATUS"
-run_and_record="$main_line; echo \$? > ~/$REMOTE_STATUS"
+run_and_record="trap : TERM; $main_line; echo \$? > ~/$REMOTE_STATUS"
 remote+="; setsid nohup sh -c $(quote_value "$run_and_record") > ~/$REMOTE_LOG 2>&1 < /dev/null"
 remote+=" & echo \$! > ~/$REMOTE_PID"
 remote+="; echo \"catflax started on \$(hostname), pid \$(cat ~/$REMOTE_PID)\""
