@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from catflax.train import loop
+from catflax.train import loop, resume_checks
 from catflax.train.metrics import MetricWriter
 from catflax.train.samples import save_png
 
@@ -170,9 +170,9 @@ def test_a_resume_with_a_changed_data_stream_is_warned_about(tmp_path, caplog):
     changed = config.copy_and_resolve_references()
     changed.seed, changed.train.batch_size = 7, 2 * config.train.batch_size
     with caplog.at_level("WARNING"):
-        loop._warn_data_changes(saved, config, "1b")
+        resume_checks.warn_data_changes(saved, config, "1b")
         assert not caplog.records
-        loop._warn_data_changes(saved, changed, "1b")
+        resume_checks.warn_data_changes(saved, changed, "1b")
     assert [r.getMessage().split(" was ")[0] for r in caplog.records] == [
         "stage 1b: config.seed", "stage 1b: config.train.batch_size"
     ]  # fmt: skip
@@ -184,14 +184,14 @@ def test_a_stage_whose_earlier_stages_did_not_run_is_warned_about(tmp_path, capl
 
     config = demo.get_config()
     with caplog.at_level("WARNING"):
-        loop._warn_missing_merges(config, str(tmp_path), "2a", [])
+        resume_checks.warn_missing_merges(config, str(tmp_path), "2a", [])
         messages = [r.getMessage() for r in caplog.records]
         caplog.clear()
-        loop._warn_missing_merges(config, str(tmp_path), "2a", ["inpainter from stage 1a",
+        resume_checks.warn_missing_merges(config, str(tmp_path), "2a", ["inpainter from stage 1a",
                                                                  "unet from stage 1b"])  # fmt: skip
-        loop._warn_missing_merges(config, str(tmp_path), "1b", [])  # nothing before it
+        resume_checks.warn_missing_merges(config, str(tmp_path), "1b", [])  # nothing before it
         config.weights.cat = "/some/official/checkpoint"  # the parts come from there
-        loop._warn_missing_merges(config, str(tmp_path), "2b", [])
+        resume_checks.warn_missing_merges(config, str(tmp_path), "2b", [])
         assert not caplog.records
     assert len(messages) == 2
     assert messages[0].startswith("stage 2a: the inpainter should come from stage 1a")

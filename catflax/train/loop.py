@@ -12,7 +12,6 @@ Resume order (each stage lives in WORKDIR/<stage>/; WORKDIR local or gs://):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -30,7 +29,7 @@ from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.rngs import abstract_module
 from catflax.models.rngs import rngs as model_rngs
-from catflax.train import optim, stages
+from catflax.train import optim, resume_checks, stages
 from catflax.train.checkpoint import Checkpointer
 from catflax.train.metrics import MetricWriter, peak_flops_per_device
 from catflax.train.samples import write_sample_grid
@@ -124,29 +123,6 @@ def merge_earlier_stages(workdir: str, stage: str, params: nnx.State) -> list[st
     return taken
 
 
-def _warn_missing_merges(config, workdir: str, stage: str, notes: list[str]) -> None:
-    """Warns when a part this stage uses should come from an earlier stage (SPEC.md §5's merge)
-    that has not finished in this run directory (and config.weights.cat gives none)."""
-    order, spec = stages.STAGE_ORDER, stages.STAGES[stage]
-    used = {"inpainter": "inpainter" in spec.trains or spec.tokens == "inpainter",
-            "unet": spec.step == "denoise"}  # fmt: skip
-    for part, needed in used.items():
-        trainers = [s for s in order[: order.index(stage)] if part in stages.STAGES[s].trains]
-        if (
-            not needed
-            or not trainers
-            or config.weights.cat
-            or any(note.startswith(f"{part} from stage") for note in notes)
-        ):
-            continue
-        frozen = "" if part in spec.trains else ", and it is frozen in this stage"
-        logging.warning(
-            "stage %s: the %s should come from stage %s, which has not finished in %s: it "
-            "starts from config.weights (random where none is given)%s",
-            stage, part, " or ".join(trainers), workdir, frozen,
-        )  # fmt: skip
-
-
 def _restore_final(workdir: str, stage: str, like: nnx.State) -> nnx.State:
     trained = stages.STAGES[stage].trains
     target = nnx.State({p: like[p] for p in trained})
@@ -218,7 +194,7 @@ def run_stage(
     )
     for note in notes:
         logging.info("stage %s: %s", stage, note)
-    _warn_missing_merges(config, workdir, stage, notes)
+    resume_checks.warn_missing_merges(config, workdir, stage, notes)
     model = nnx.merge(graphdef, params)
     graphdef, trainable, frozen = nnx.split(model, stages.trainable_filter(spec), ...)
 
@@ -235,7 +211,7 @@ def run_stage(
     if restored is not None:
         state = restored
         logging.info("stage %s: resumed at step %d", stage, start_step)
-        _warn_data_changes(ckpt.saved_config(start_step), config, stage)
+        resume_checks.warn_data_changes(ckpt.saved_config(start_step), config, stage)
     start_step = start_step or 0
     if start_step >= scfg.steps:  # stopped after its last checkpoint, before the final save
         ckpt.close()
@@ -322,32 +298,6 @@ def run_stage(
         logging.warning("stage %s: preempted (SIGTERM) after its last step; stage finished", stage)
         raise SystemExit(0)
     return StageResult(stage, step - start_step, losses)
-
-
-# What the data stream depends on: changed on a resume, the restored data position no longer
-# continues the same stream (a deliberate change, e.g. a new batch size, is allowed; it is logged).
-DATA_FIELDS = ("seed", "train.batch_size", "data.train_mixture", "data.train_split",
-               "data.resolution", "data.clip_resolution")  # fmt: skip
-
-
-def _warn_data_changes(saved: dict | None, config, stage: str) -> None:
-    """Warns about each DATA_FIELDS value that differs from the resumed checkpoint's config."""
-    if saved is None:
-        return
-    now = json.loads(config.to_json_best_effort())
-
-    def get(tree, dotted):
-        for key in dotted.split("."):
-            tree = tree.get(key) if isinstance(tree, dict) else None
-        return tree
-
-    for field in DATA_FIELDS:
-        before, after = get(saved, field), get(now, field)
-        if before != after:
-            logging.warning(
-                "stage %s: config.%s was %r when the checkpoint was saved and is %r now: the "
-                "data no longer continues exactly where it stopped", stage, field, before, after
-            )  # fmt: skip
 
 
 def _handed_over(state, config) -> nnx.State:
