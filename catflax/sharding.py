@@ -130,14 +130,16 @@ def normalize_rules(rules: Mapping[str, Rule] | None) -> dict[str, tuple[str, ..
 
 
 def partition_spec(
-    shape: Sequence[int], axes: Sequence[str | None], rules: Mapping[str, Rule], mesh: Mesh
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    rules: Mapping[str, tuple[str, ...]],
+    mesh: Mesh,
 ) -> PartitionSpec:
-    """The PartitionSpec for one array; a mesh axis is used once and only where it divides."""
+    """The PartitionSpec for one array under `normalize_rules` output; a mesh axis is used once
+    and only where it divides."""
     used, spec = set(), []
     for size, name in zip(shape, axes):
         mesh_axes = rules.get(name) if name else None
-        if isinstance(mesh_axes, str):
-            mesh_axes = tuple(a for a in mesh_axes.split(",") if a)
         # Keep the axes (in order) that are unused and still divide the dimension.
         kept, split = [], 1
         for axis in mesh_axes or ():
