@@ -158,7 +158,7 @@ def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[E
             continue
         try:
             image = records.decode_image(record["image"])
-            mask = records.decode_mask(record["mask"], image.size)
+            mask = records.decode_mask(record["mask"])
         except records.DecodeError:
             skipped["corrupt"] += 1
             continue

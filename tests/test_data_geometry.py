@@ -128,3 +128,30 @@ def test_sizes_are_checked():
         geometry.Sizes(resolution=60)
     with pytest.raises(ValueError, match="patch_grid"):
         geometry.Sizes(clip_resolution=100, patch_grid=16)
+
+
+def test_mask_at_its_own_resolution_follows_the_reference():
+    """OpenImages masks are not at their image's size: the reference dilates at the mask's
+    resolution, resizes each from its own size and the image to the mask's (dataset.py)."""
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    mask = np.zeros((20, 20), np.uint8)
+    mask[8:12, 6:10] = 255
+    out = geometry.prepare_example(image, mask, np.zeros(4), SIZES, rng, dilate_prob=1.0)
+    dilated = np.zeros_like(mask)
+    dilated[6:14, 4:12] = 255  # 5x5 in mask pixels: 2 on each side
+    expected_mask = Image.fromarray(dilated).resize((64, 64), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(out["mask512"], np.asarray(expected_mask))
+    expected_image = np.asarray(image.resize((64, 64), Image.Resampling.BILINEAR), np.float32)
+    np.testing.assert_allclose(out["image512"], expected_image / 127.5 - 1, atol=1e-6)
+    # evaluation: each resized to the output square from its own size
+    evaluated = geometry.prepare_example(image, mask, np.zeros(4), SIZES, rng=None)
+    np.testing.assert_array_equal(
+        evaluated["mask512"], np.asarray(Image.fromarray(mask).resize((64, 64)))
+    )
+    # another aspect: the image follows the mask's short-side size (torchvision's truncation)
+    wide = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))  # -> 85 x 64
+    resized, resized_mask = geometry.resize_short_side(wide, Image.new("L", (32, 25)), 64)
+    assert resized_mask.size == (81, 64) and resized.size == (81, 64)  # int(64 * 32 / 25) = 81
+    expected = wide.resize((85, 64), Image.Resampling.BILINEAR).resize((81, 64))
+    np.testing.assert_array_equal(np.asarray(resized), np.asarray(expected))

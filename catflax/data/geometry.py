@@ -98,12 +98,14 @@ def short_side_size(size_WH: tuple[int, int], short: int) -> tuple[int, int]:
 def resize_short_side(
     image: Image.Image, mask: Image.Image, short: int
 ) -> tuple[Image.Image, Image.Image]:
-    """Image and mask resized (bilinear) so the short side is `short`, as the reference."""
-    size = short_side_size(image.size, short)
-    return (
-        image.resize(size, Image.Resampling.BILINEAR),
-        mask.resize(size, Image.Resampling.BILINEAR),
-    )
+    """Image and mask each resized (bilinear) so its short side is `short`, as the reference; a
+    mask stored at another resolution (OpenImages) then sets the size, the image following it
+    with PIL's default resample (the reference's `image.resize(mask.size)`)."""
+    image = image.resize(short_side_size(image.size, short), Image.Resampling.BILINEAR)
+    mask = mask.resize(short_side_size(mask.size, short), Image.Resampling.BILINEAR)
+    if image.size != mask.size:
+        image = image.resize(mask.size)
+    return image, mask
 
 
 def crop_offset(
@@ -201,9 +203,13 @@ def prepare_example(
 ) -> dict:
     """One example's model inputs. Training (rng given): augment the mask (if `augment`),
     short side to `resolution`, random crop containing the mask. Evaluation (rng None): resize
-    to resolution x resolution (no crop), or with `eval_crop` a centred crop around the mask."""
-    if mask_HW.shape != (image.size[1], image.size[0]):
-        raise ValueError(f"mask {mask_HW.shape} and image {image.size[::-1]} sizes differ")
+    to resolution x resolution (no crop), or with `eval_crop` a centred crop around the mask.
+
+    The mask may have its own resolution (OpenImages ships masks smaller or larger than their
+    images): it is augmented there, as the reference does (the 5x5 dilation is 5 mask pixels),
+    and both are resized to the output size from their own sizes."""
+    if mask_HW.ndim != 2:
+        raise ValueError(f"mask of shape {mask_HW.shape}: expected (H, W)")
     train = rng is not None
     if train and augment:
         mask_HW = augment_mask(mask_HW, box, rng, dilate_prob)

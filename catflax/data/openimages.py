@@ -90,10 +90,12 @@ def read_rows(path: str) -> dict[str, list[dict]]:
     return by_image
 
 
-def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
-    """Mask PNG (any resolution, 0/1 or 0/255) -> (H, W) uint8 0/255 at the image size."""
+def load_mask(path: str) -> np.ndarray:
+    """Mask PNG (0/1 or 0/255) -> (H, W) uint8 0/255 at its own resolution, which is often not
+    its image's: the reference augments it there and resizes image and mask from their own
+    sizes (`geometry.prepare_example`)."""
     with open(path, "rb") as f:
-        mask = records.decode_mask(f.read(), size)
+        mask = records.decode_mask(f.read())
     if mask.max() == 1:
         mask = mask * 255
     return np.where(mask >= 128, 255, 0).astype(np.uint8)
@@ -122,7 +124,7 @@ def generate(
         with open(image_path, "rb") as f:
             image_bytes = f.read()
         try:
-            width, height = records.check_image(image_bytes)
+            records.check_image(image_bytes)
         except records.DecodeError:
             for _ in rows:
                 report.skip("corrupt_image", os.path.basename(image_path))
@@ -136,7 +138,7 @@ def generate(
                 report.skip("missing_mask", mask_name)
                 continue
             try:
-                mask = load_mask(masks[mask_name], (width, height))
+                mask = load_mask(masks[mask_name])
             except records.DecodeError:
                 report.skip("unreadable_mask", mask_name)
                 continue
@@ -144,7 +146,7 @@ def generate(
             if area == 0:
                 report.skip("empty_mask", mask_name)
                 continue
-            if area < min_area_fraction * width * height:
+            if area < min_area_fraction * mask.size:
                 report.skip("too_small", mask_name)
                 continue
             try:

@@ -159,7 +159,7 @@ class ExampleTransform:
         has_object = len(record["mask"]) > 0
         if has_object:
             try:
-                mask = records.decode_mask(record["mask"], image.size)
+                mask = records.decode_mask(record["mask"])
             except records.DecodeError:
                 return self._placeholder(source, "unreadable_mask", example_id)
         else:
