@@ -100,6 +100,37 @@ def test_standalone_tower_directories_and_sharded_files(tmp_path):
     np.testing.assert_allclose(pooled, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_sharded_files_errors_name_the_shard(tmp_path):
+    """A bad key in a sharded checkpoint is reported with its shard; an index that disagrees
+    with its shards (stale, hand-edited) is refused rather than trusted."""
+    torch.manual_seed(1)
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(**TINY_CONFIGS["quick_gelu"]["text"])
+    )
+    path = tmp_path / "text"
+    text.save_pretrained(str(path), max_shard_size="20KB")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = "encoder.layers.1.mlp.fc1.weight"  # transformers 5 drops the text_model. prefix
+    shard = index["weight_map"][key]
+    state = read_state_dict(str(path / shard))
+    state[key] = np.zeros((5, 32), np.float32)
+    write_safetensors(str(path / shard), state)
+    with pytest.raises(WeightLoadError, match=rf"fc1\.weight: \(5, 32\) vs \(37, 32\) \[{shard}\]"):
+        clip.CLIPTextModel.from_pretrained(str(path))
+
+    other = next(s for s in sorted(set(index["weight_map"].values())) if s != shard)
+    stale = {**index, "weight_map": {**index["weight_map"], key: other}}
+    index_file.write_text(json.dumps(stale))
+    with pytest.raises(WeightFileError, match=rf"index.json: 1 keys.*{key}: {other} -> {shard}"):
+        read_state_dict(str(path))
+    index_file.write_text(json.dumps(index))
+    write_safetensors(str(path / other), {**read_state_dict(str(path / other)), key: state[key]})
+    with pytest.raises(WeightFileError, match=f"key '{key}' is also in") as e:
+        read_state_dict(str(path))
+    assert other in str(e.value) and shard in str(e.value)
+
+
 def test_bf16_compute_stays_close(tmp_path):
     torch_model, path, _ = save_tiny_clip(tmp_path, "quick_gelu")
     pixels = np.random.default_rng(2).standard_normal((1, 32, 32, 3)).astype(np.float32)

@@ -38,10 +38,16 @@ class WeightLoadError(ValueError):
             list(mismatched),
         )
         parts = [f"{source}: weights do not match the model"]
+        shards = _shard_of_keys(source)
+
+        def in_shard(item: str) -> str:  # "key[: shapes]" -> "... [shard file]" where known
+            shard = _find_shard(item.split(": ")[0], shards)
+            return f"{item} [{shard}]" if shard else item
+
         for title, items in (
             ("missing keys", self.missing),
-            ("unexpected keys", self.unexpected),
-            ("mis-shaped keys (key: file shape vs expected)", self.mismatched),
+            ("unexpected keys", [in_shard(k) for k in self.unexpected]),
+            ("mis-shaped keys (key: file shape vs expected)", list(map(in_shard, self.mismatched))),
         ):
             if items:
                 shown = ", ".join(items[:25]) + (
@@ -49,6 +55,25 @@ class WeightLoadError(ValueError):
                 )
                 parts.append(f"{len(items)} {title}: {shown}")
         super().__init__("\n  ".join(parts))
+
+
+def _shard_of_keys(source: str) -> dict[str, str]:
+    """{key: shard file} when `source` is a folder with a sharded checkpoint, else {}."""
+    from catflax.weights import io
+
+    return io.shard_of_keys(source) if isinstance(source, str) else {}
+
+
+def _find_shard(key: str, shards: dict[str, str]) -> str | None:
+    """The shard of `key`, also when a loader added or removed a prefix such as
+    `text_model.` (transformers 5 saves CLIP towers without it)."""
+    if key in shards:
+        return shards[key]
+    parts = key.split(".")
+    for start in range(1, len(parts)):
+        if (suffix := ".".join(parts[start:])) in shards:
+            return shards[suffix]
+    return next((s for k, s in shards.items() if k.endswith("." + key)), None)
 
 
 @dataclasses.dataclass

@@ -134,6 +134,33 @@ def weight_variants(directory: str, pickles: bool = False) -> list[str]:
     return sorted(found)
 
 
+def read_weight_map(index_path: str) -> dict[str, str]:
+    """A sharded checkpoint's index: {key: shard file name}."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise WeightFileError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from e
+    if not isinstance(weight_map, dict):
+        raise WeightFileError(f"{index_path}: weight_map is not a {{key: file}} mapping")
+    return weight_map
+
+
+def shard_of_keys(directory: str) -> dict[str, str]:
+    """{key: shard file name} from the sharded-checkpoint indexes in `directory` (empty when it
+    holds none): lets a load error name the shard a bad key came from."""
+    if not os.path.isdir(directory):
+        return {}
+    found: dict[str, str] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json") and ".safetensors.index" in name:
+            try:
+                found.update(read_weight_map(os.path.join(directory, name)))
+            except (WeightFileError, OSError):
+                continue  # only used to annotate an error already being raised
+    return found
+
+
 def _safetensors_files(directory: str, singles: list[str], indexes: list[str]) -> list[str]:
     for name in singles:
         if os.path.isfile(os.path.join(directory, name)):
@@ -141,13 +168,52 @@ def _safetensors_files(directory: str, singles: list[str], indexes: list[str]) -
     for name in indexes:
         index_path = os.path.join(directory, name)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            shards = sorted(set(read_weight_map(index_path).values()))
             missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
             if missing:
                 raise WeightFileError(f"{index_path}: shard files missing: {missing}")
             return [os.path.join(directory, s) for s in shards]
     return []
+
+
+def _index_of(shards: list[str]) -> str | None:
+    """The index file (in the shards' folder) that lists exactly these shards."""
+    folder = os.path.dirname(shards[0])
+    names = {os.path.basename(f) for f in shards}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        is_index = name.endswith(".json") and bool(_VARIANT_FILE.fullmatch(name))
+        if (name in SAFETENSORS_INDEX_NAMES or is_index) and set(
+            read_weight_map(path).values()
+        ) == names:
+            return path
+    return None
+
+
+def _check_shards(shards: list[str], keys_per_shard: list[set[str]]) -> None:
+    """Each key in one shard only, and in the one the index names (diffusers and transformers
+    trust the index: a stale one would silently drop or misplace tensors)."""
+    found_in: dict[str, str] = {}
+    for shard, keys in zip(shards, keys_per_shard, strict=True):
+        for key in keys:
+            if key in found_in:
+                raise WeightFileError(f"{shard}: key {key!r} is also in {found_in[key]}")
+            found_in[key] = os.path.basename(shard)
+    index = _index_of(shards)
+    if index is None:
+        return
+    weight_map = read_weight_map(index)
+    wrong = sorted(k for k, shard in weight_map.items() if found_in.get(k) != shard)
+    if wrong:
+        shown = ", ".join(f"{k}: {weight_map[k]} -> {found_in.get(k, 'none')}" for k in wrong[:10])
+        raise WeightFileError(
+            f"{index}: {len(wrong)} keys are not in the shard the index names "
+            f"(key: index's shard -> shard holding it): {shown}"
+        )
+    unlisted = sorted(set(found_in) - set(weight_map))
+    if unlisted:
+        shown = ", ".join(f"{k} ({found_in[k]})" for k in unlisted[:10])
+        raise WeightFileError(f"{index}: {len(unlisted)} keys of the shards are not in it: {shown}")
 
 
 def find_weight_file(
@@ -198,6 +264,7 @@ def read_state_dict(
         raise WeightFileError(f"{path}: no such file or directory")
     files = find_weight_file(path, allow_pickle, variant) if os.path.isdir(path) else [path]
     state: dict[str, np.ndarray] = {}
+    contents = []
     for file in files:
         if file.endswith(PICKLE_SUFFIXES):
             if not allow_pickle:
@@ -205,9 +272,13 @@ def read_state_dict(
                     f"{file}: pickled checkpoints can run arbitrary code and load only with "
                     "allow_pickle=True (and torch installed); prefer a .safetensors file"
                 )
-            state.update(read_pickle(file))
+            part = read_pickle(file)
         else:
-            state.update(read_safetensors(file))
+            part = read_safetensors(file)
+        contents.append(set(part))
+        state.update(part)
+    if len(files) > 1:
+        _check_shards(files, contents)
     return state
 
 
