@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import itertools
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from absl import flags
@@ -141,17 +142,14 @@ def _box_at(box, mask_HW: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return filled_box(np.asarray(Image.fromarray(filled_box(mask_HW)).resize(size)))
 
 
-def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[Example], dict]:
-    """The first `num` usable object examples of a record source, resized to `resolution`, and
-    the counts of records skipped by reason."""
+def iter_examples(source, masks: str, resolution: int, skipped: dict) -> Iterator[Example]:
+    """The object examples of a record source in order, resized to `resolution`; records
+    skipped are counted by reason in `skipped` (no_mask, corrupt, empty_mask)."""
     from catflax.data import geometry, records
 
     if masks not in MASK_KINDS:
         raise ValueError(f"--masks={masks!r}: choose one of {list(MASK_KINDS)}")
-    examples, skipped = [], dict(no_mask=0, corrupt=0, empty_mask=0)
     for index in range(len(source)):
-        if len(examples) == num:
-            break
         record = source[index]
         if not len(record["mask"]):
             skipped["no_mask"] += 1
@@ -171,11 +169,15 @@ def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[E
         if not binary.any():
             skipped["empty_mask"] += 1
             continue
-        examples.append(
-            Example(index, records.text(record["example_id"]), records.text(record["label"]),
-                    np.asarray(image.resize(size)), binary, model_mask)
-        )  # fmt: skip
-    return examples, skipped
+        yield Example(index, records.text(record["example_id"]), records.text(record["label"]),
+                      np.asarray(image.resize(size)), binary, model_mask)  # fmt: skip
+
+
+def read_examples(source, num: int, masks: str, resolution: int) -> tuple[list[Example], dict]:
+    """The first `num` usable object examples of a record source (iter_examples), and the
+    counts of records skipped by reason before the last of them."""
+    skipped = dict(no_mask=0, corrupt=0, empty_mask=0)
+    return list(itertools.islice(iter_examples(source, masks, resolution, skipped), num)), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,23 +243,25 @@ class ShardedSampler:
         return np.asarray(jax.device_get(images))
 
 
-def generate(sampler: ShardedSampler, examples: Sequence[Example], opts: Options, report=print):
-    """Generated (R,R,3) uint8 images, one per example, pasted back if opts.paste_back."""
+def generate(
+    sampler: ShardedSampler, examples: Iterable[Example], opts: Options, report=print
+) -> Iterator[tuple[list[Example], np.ndarray]]:
+    """(examples, their generated (n,R,R,3) uint8 images) batch by batch, pasted back if
+    opts.paste_back; example i (in order) gets seed opts.seed + i."""
     size = sampler.batch_size(opts.batch_size)
-    outputs = []
-    for start in range(0, len(examples), size):
-        chunk = list(examples[start : start + size])
+    examples, done = iter(examples), 0
+    while chunk := list(itertools.islice(examples, size)):
         padded = chunk + [chunk[0]] * (size - len(chunk))  # one compiled batch size for all
         batch = sampler.pipe.prepare([(Image.fromarray(e.image), e.model_mask) for e in padded])
         batch["input_ids"] = sampler.tokenize([e.prompt for e in padded])
-        seeds = [opts.seed + start + i for i in range(size)]
+        seeds = [opts.seed + done + i for i in range(size)]
         images = sampler(batch, seeds, opts.num_steps, opts.guidance_scale)[: len(chunk)]
-        for example, image in zip(chunk, images):
-            if opts.paste_back:
-                image = np.where(example.mask[..., None] > 127, image, example.image)
-            outputs.append(image.astype(np.uint8))
-        report(f"evaluate: generated {len(outputs)}/{len(examples)}")
-    return outputs
+        if opts.paste_back:
+            images = np.stack([np.where(e.mask[..., None] > 127, image, e.image)
+                               for e, image in zip(chunk, images)])  # fmt: skip
+        done += len(chunk)
+        report(f"evaluate: generated {done}/{opts.num}")
+        yield chunk, images.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,17 +275,24 @@ def _finite_or_none(value):
     return value
 
 
-def contact_sheet(examples, generated, rows: int) -> Image.Image:
+def contact_sheet(
+    inputs: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    generated: Sequence[np.ndarray],
+    prompts: Sequence[str],
+    rows: int,
+) -> Image.Image:
     """Rows of input | mask | output, with the prompt above each row."""
-    R = examples[0].image.shape[0]
-    cell = min(max(R, SHEET_CELL[0]), SHEET_CELL[1])
-    text_h, rows = 14, min(rows, len(examples))
+    rows = min(rows, len(prompts))
+    inputs, masks, generated = inputs[:rows], masks[:rows], generated[:rows]
+    cell = min(max(inputs[0].shape[0], SHEET_CELL[0]), SHEET_CELL[1])
+    text_h = 14
     sheet = Image.new("RGB", (3 * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (example, image) in enumerate(zip(examples[:rows], generated)):
+    for r, (image_in, mask, image) in enumerate(zip(inputs, masks, generated)):
         y = r * (cell + text_h)
-        draw.text((2, y + 1), f"{r}: {example.prompt}"[:80], fill="black")
-        for c, a in enumerate((example.image, np.repeat(example.mask[..., None], 3, -1), image)):
+        draw.text((2, y + 1), f"{r}: {prompts[r]}"[:80], fill="black")
+        for c, a in enumerate((image_in, np.repeat(mask[..., None], 3, -1), image)):
             sheet.paste(Image.fromarray(a).resize((cell, cell), Image.Resampling.NEAREST),
                         (c * cell, y + text_h))  # fmt: skip
     return sheet
@@ -313,6 +324,7 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
 
     from catflax.data import sources
     from catflax.metrics import CLIPScorer, InceptionV3, compute_metrics
+    from catflax.metrics.image_sets import ImageFiles
 
     missing = [f"--{n}" for n in ("weights", "dataset", "out") if not getattr(opts, n)]
     if missing and not (pipeline is not None and missing == ["--weights"]):
@@ -340,13 +352,13 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
     if opts.inception:
         inception = InceptionV3.from_pretrained(opts.inception, allow_pickle=opts.allow_pickle)
     source = sources.open_tfds(opts.dataset, opts.split, opts.data_dir)
-    examples, skipped = read_examples(source, opts.num, opts.masks, pipeline.resolution)
-    if not examples:
+    skipped = dict(no_mask=0, corrupt=0, empty_mask=0)
+    examples = iter_examples(source, opts.masks, pipeline.resolution, skipped)
+    first = next(examples, None)
+    if first is None:
         raise ValueError(f"{opts.dataset}/{opts.split}: no usable example (skipped: {skipped})")
-    if len(examples) < opts.num:
-        report(f"evaluate: only {len(examples)} usable examples in {opts.dataset}/{opts.split}")
+    examples = itertools.islice(itertools.chain([first], examples), opts.num)
     sampler = ShardedSampler(pipeline)
-    generated = generate(sampler, examples, opts, report)
 
     for folder in ("images", "inputs", "masks"):  # an earlier run's images are replaced
         os.makedirs(os.path.join(opts.out, folder), exist_ok=True)
@@ -355,18 +367,26 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
             os.remove(os.path.join(opts.out, folder, name))
         if stale:
             report(f"evaluate: removed {len(stale)} images of an earlier run from {folder}/")
+    # Each batch is written as it comes; the metrics read the images back a batch at a time,
+    # so memory stays one batch whatever --num is.
     rows = []
-    for number, (example, image) in enumerate(zip(examples, generated)):
-        names = {"image": f"images/{number:05d}.png", "input": f"inputs/{number:05d}.png",
-                 "mask": f"masks/{number:05d}.png"}  # fmt: skip
-        for key, array in (("image", image), ("input", example.image), ("mask", example.mask)):
-            Image.fromarray(array).save(os.path.join(opts.out, names[key]))
-        rows.append(dict(number=number, record=example.index, example_id=example.example_id,
-                         prompt=example.prompt, seed=opts.seed + number, **names))  # fmt: skip
-    prompts = [e.prompt for e in examples]
-    originals, masks = [e.image for e in examples], [e.mask for e in examples]
+    for chunk, images in generate(sampler, examples, opts, report):
+        for example, image in zip(chunk, images):
+            number = len(rows)
+            names = {"image": f"images/{number:05d}.png", "input": f"inputs/{number:05d}.png",
+                     "mask": f"masks/{number:05d}.png"}  # fmt: skip
+            for key, array in (("image", image), ("input", example.image), ("mask", example.mask)):
+                Image.fromarray(array).save(os.path.join(opts.out, names[key]))
+            rows.append(dict(number=number, record=example.index, example_id=example.example_id,
+                             prompt=example.prompt, seed=opts.seed + number, **names))  # fmt: skip
+    if len(rows) < opts.num:
+        report(f"evaluate: only {len(rows)} usable examples in {opts.dataset}/{opts.split}")
+    files = {k: [os.path.join(opts.out, r[k]) for r in rows] for k in ("image", "input", "mask")}
+    generated, originals = ImageFiles(files["image"]), ImageFiles(files["input"])
+    masks = ImageFiles(files["mask"], mode="L")
+    prompts = [r["prompt"] for r in rows]
     needs_two = [m for m, model in (("FID", inception), ("CLIP-FD", clip)) if model is not None]
-    if len(examples) < 2 and needs_two:
+    if len(rows) < 2 and needs_two:
         report(f"evaluate: {' and '.join(needs_two)} need at least 2 images (a covariance): null")
     summary, per_example = compute_metrics(generated, originals, masks, prompts,
                                            inception=inception, clip=clip)  # fmt: skip
@@ -380,7 +400,7 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
             weights=opts.weights,
             dataset=opts.dataset,
             split=opts.split,
-            num=len(examples),
+            num=len(rows),
             masks=opts.masks,
             seed=opts.seed,
             resolution=pipeline.resolution,
@@ -400,10 +420,9 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
     with open(os.path.join(opts.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
     write_index_html(os.path.join(opts.out, "index.html"), rows, result["metrics"])
-    contact_sheet(examples, generated, opts.sheet_rows).save(
-        os.path.join(opts.out, "contact_sheet.png")
-    )
-    report(f"evaluate: wrote {opts.out} ({len(examples)} examples): {result['metrics']}")
+    sheet = contact_sheet(originals, masks, generated, prompts, opts.sheet_rows)
+    sheet.save(os.path.join(opts.out, "contact_sheet.png"))
+    report(f"evaluate: wrote {opts.out} ({len(rows)} examples): {result['metrics']}")
     return result
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from catflax.metrics import clip_score, distances
 from catflax.tokenizer import tokenize
@@ -134,7 +135,7 @@ def test_projections_need_a_full_clip_model(tmp_path):
         clip_score.CLIPProjections.from_pretrained(str(tmp_path / "vision"))
 
 
-def test_compute_metrics_runs_every_metric(tiny_clip):
+def test_compute_metrics_runs_every_metric(tiny_clip, tmp_path):
     """The evaluate command's one call: each entry equals the metric computed on its own."""
     from flax import nnx
 
@@ -142,7 +143,7 @@ def test_compute_metrics_runs_every_metric(tiny_clip):
     from catflax.weights import convert
 
     _, path = tiny_clip
-    scorer = clip_score.CLIPScorer.from_pretrained(path, batch_size=4)
+    scorer = clip_score.CLIPScorer.from_pretrained(path, batch_size=2)
     rng = np.random.default_rng(2)
     # Random weights through the loader (initialising 94 convs eagerly takes 20 s on 2 cores).
     cfg = inception.InceptionConfig(resize_to=None)
@@ -185,6 +186,31 @@ def test_compute_metrics_runs_every_metric(tiny_clip):
     clip_fd = distances.frechet_distance_from_features(emb_real, emb_fake)
     np.testing.assert_allclose(summary["clip_fd"], clip_fd, rtol=1e-6)
     assert np.isfinite([summary[k] for k in ("fid", "clip_fd", "clip_score_crop")]).all()
+    # The same sets as PNG files read a batch at a time (what catflax.evaluate passes): the same
+    # numbers, and never more than a batch (2 here, CLIP's too) decoded by one access.
+    from catflax.metrics.image_sets import ImageFiles
+
+    reads = []
+
+    class CountedFiles(ImageFiles):
+        def __getitem__(self, index):
+            out = super().__getitem__(index)
+            reads.append(len(out) if isinstance(index, slice) else 1)
+            return out
+
+    def files(arrays, name, mode="RGB"):
+        paths = [str(tmp_path / f"{name}{i}.png") for i in range(len(arrays))]
+        for array, path in zip(arrays, paths):
+            Image.fromarray(array).save(path)
+        return CountedFiles(paths, mode)
+
+    on_disk = suite.compute_metrics(
+        files(generated, "g"), files(originals, "o"), files(masks, "m", "L"), PROMPTS[:3],
+        inception=net, clip=scorer, batch_size=2,
+    )  # fmt: skip
+    assert on_disk[0] == summary and reads and max(reads) <= 2
+    for name, values in per_example.items():
+        np.testing.assert_array_equal(on_disk[1][name], values)
     # One image: no covariance, so FID and CLIP-FD are NaN; the rest is computed.
     one, _ = suite.compute_metrics(
         [generated[0]], [originals[0]], [masks[0]], PROMPTS[:1], inception=net, clip=scorer

@@ -18,6 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from catflax.metrics.features import map_batches
+from catflax.metrics.image_sets import LazyMap
 from catflax.models.clip import CLIPTextModel, CLIPVisionModel
 from catflax.models.rngs import abstract_module
 from catflax.preprocess import clip_normalize, resize_center_crop
@@ -125,8 +126,11 @@ def crop_to_mask(image_HWC: np.ndarray, mask_HW: np.ndarray, fill: int = 0) -> n
     """The square crop of `mask_square_box` (parts outside the image, only when the box is longer
     than the image's short side, filled with `fill`); None for an empty mask."""
     box = mask_square_box(mask_HW)
-    if box is None:
-        return None
+    return None if box is None else crop_square(image_HWC, box, fill)
+
+
+def crop_square(image_HWC: np.ndarray, box: tuple[int, int, int], fill: int = 0) -> np.ndarray:
+    """The (top, left, side) square of `mask_square_box`, filled with `fill` outside the image."""
     top, left, side = box
     image = np.asarray(image_HWC)
     padded = np.pad(image, ((side, side), (side, side), (0, 0)), constant_values=fill)
@@ -184,7 +188,7 @@ class CLIPScorer:
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Projected image embeddings (N, P), not normalised, of uint8 RGB images (any sizes),
         preprocessed one batch at a time."""
-        return map_batches(self.model, _embed_image, list(images), self.batch_size,
+        return map_batches(self.model, _embed_image, images, self.batch_size,
                            prepare=self.preprocess)  # fmt: skip
 
     def scores(
@@ -208,12 +212,12 @@ class CLIPScorer:
         elif len(image_embeddings) != len(images):
             raise ValueError(f"{len(image_embeddings)} image embeddings for {len(images)} images")
         out = {"clip_score": clip_scores(text, image_embeddings)}
-        if masks is not None:
-            crops = [crop_to_mask(im, m) for im, m in zip(images, masks)]
-            has = np.array([c is not None for c in crops])
+        if masks is not None:  # crops made a batch at a time, as they are embedded
+            boxes = [mask_square_box(m) for m in masks]
+            has = np.array([b is not None for b in boxes])
             crop_scores = np.full(len(images), np.nan)
             if has.any():
-                emb = self.embed_images([c for c in crops if c is not None])
-                crop_scores[has] = clip_scores(text[has], emb)
+                crops = LazyMap(lambda i: crop_square(images[i], boxes[i]), np.flatnonzero(has))
+                crop_scores[has] = clip_scores(text[has], self.embed_images(crops))
             out["clip_score_crop"] = crop_scores
         return out

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from catflax.metrics.image_sets import shapes_of
 from catflax.metrics.inception import InceptionV3, resize_bilinear
 
 
@@ -78,14 +79,15 @@ def inception_features(
     """Pool3 features (N, 2048) float64 of RGB images as pytorch-fid computes them: uint8 ->
     /255, bilinear resize to 299, network. `images` is one (N,H,W,3) array or a list of (H,W,3)
     arrays whose sizes may differ (each is then resized on the host first, which is the same
-    linear map the network applies to a batch)."""
+    linear map the network applies to a batch); a sequence is read one batch at a time
+    (`catflax.metrics.image_sets.ImageFiles` keeps a set on disk)."""
     size = model.config.resize_to
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (N,H,W,3) RGB, got shape {images.shape}")
         prepare = _as_unit_float
     else:
-        shapes = {np.shape(im) for im in images}
+        shapes = shapes_of(images)
         bad = [s for s in shapes if len(s) != 3 or s[-1] != 3]
         if bad:
             raise ValueError(f"images must be (H,W,3) RGB arrays, got shapes {sorted(bad)}")

@@ -35,7 +35,8 @@ def compute_metrics(
     FID (needs `inception`) and CLIP-FD / CMMD (need `clip`) compare `generated` with
     `reference` (default: the originals); CLIP scores need `clip`; preservation always runs.
     Metrics whose model is not given are left out; FID and CLIP-FD (a covariance each) are NaN
-    when either set has fewer than 2 images. Images are converted one batch at a time.
+    when either set has fewer than 2 images. Images are read and converted one batch at a
+    time: any Sequence works, e.g. `image_sets.ImageFiles` for sets kept on disk.
     """
     n = len(generated)
     if not (len(originals) == len(masks) == len(prompts) == n):
@@ -68,8 +69,8 @@ def compute_metrics(
         return distances.frechet_distance_from_features(real, fake, fid_method)
 
     if inception is not None:
-        fake = inception_features(inception, list(generated), batch_size)
-        real = inception_features(inception, list(reference), batch_size)
+        fake = inception_features(inception, generated, batch_size)
+        real = inception_features(inception, reference, batch_size)
         summary["fid"] = frechet(real, fake)
     if clip is not None:
         fake = clip.embed_images(generated)  # once, for the CLIP score, CLIP-FD and CMMD
