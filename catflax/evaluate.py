@@ -138,7 +138,7 @@ def _box_at(box, mask_HW: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from catflax.data import geometry
 
     if box is not None and box[2] > box[0] and box[3] > box[1]:
-        return geometry.box_mask(size[::-1], np.asarray(box, np.float32))
+        return geometry.box_mask(size[::-1], np.asarray(box, np.float32), inclusive=True)
     return filled_box(np.asarray(Image.fromarray(filled_box(mask_HW)).resize(size)))
 
 

@@ -1,5 +1,6 @@
 """SPEC.md §4 geometry for one example, checked against the spec's formulas."""
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,11 +55,10 @@ def test_mask_augmentation():
     mask[10:20, 15:30] = 255
     mask[18:20, 15:17] = 0  # a notch the box fills
     dilated = geometry.dilate(mask)
-    expected = np.zeros_like(mask)
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
-            expected = np.maximum(expected, np.roll(np.roll(mask, dy, 0), dx, 1))
-    np.testing.assert_array_equal(dilated, expected)  # 5x5 max filter (no wrap-around here)
+    reference = cv2.dilate(mask, np.ones((5, 5), np.uint8), iterations=1)  # the reference's
+    np.testing.assert_array_equal(dilated, reference)
+    soft = np.random.default_rng(0).integers(0, 256, (23, 31), dtype=np.uint8)  # borders, soft
+    np.testing.assert_array_equal(geometry.dilate(soft), cv2.dilate(soft, np.ones((5, 5))))
     box = np.array([10 / 40, 15 / 50, 20 / 40, 30 / 50], np.float32)
     boxed = geometry.box_mask(mask.shape, box)
     assert boxed[10:20, 15:30].min() == 255 and boxed.sum() == 255 * 150
@@ -155,3 +155,15 @@ def test_mask_at_its_own_resolution_follows_the_reference():
     assert resized_mask.size == (81, 64) and resized.size == (81, 64)  # int(64 * 32 / 25) = 81
     expected = wide.resize((85, 64), Image.Resampling.BILINEAR).resize((81, 64))
     np.testing.assert_array_equal(np.asarray(resized), np.asarray(expected))
+
+
+def test_eval_box_is_the_reference_rectangle():
+    """Evaluation box masks: the reference draws a filled cv2.rectangle from
+    (int(x*512), int(y*512)) to (int(x2*512), int(y2*512)), corners included."""
+    for box in ([0.1, 0.2, 0.9, 0.8], [0.0, 0.0, 1.0, 1.0], [0.33, 0.51, 0.34, 0.77]):
+        ymin, xmin, ymax, xmax = box
+        reference = np.zeros((64, 64), np.uint8)
+        corners = (int(xmin * 64), int(ymin * 64)), (int(xmax * 64), int(ymax * 64))
+        cv2.rectangle(reference, *corners, 255, -1)
+        got = geometry.box_mask((64, 64), np.asarray(box, np.float32), inclusive=True)
+        np.testing.assert_array_equal(got, reference)

@@ -4,6 +4,7 @@ over 8 devices (equal to CATPipeline.sample), images, metrics.json, contact shee
 import dataclasses
 import json
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,7 +177,7 @@ def test_seg_masks_without_paste_back(setup, tmp_path):
 def test_examples_get_soft_masks_and_stored_boxes():
     """seg: the model gets the mask resized soft (SPEC.md §4), paste-back its threshold; box: the
     record's stored (annotated) box drawn at the model resolution, not the mask's extent."""
-    from catflax.data import geometry, records
+    from catflax.data import records
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
@@ -191,7 +192,9 @@ def test_examples_get_soft_masks_and_stored_boxes():
     assert ((soft > 0) & (soft < 255)).any()  # soft edges reach the model
     np.testing.assert_array_equal(seg.mask, np.where(soft >= 128, 255, 0))
     (boxed,), _ = evaluate.read_examples([record], 1, "box", 32)
-    np.testing.assert_array_equal(boxed.mask, geometry.box_mask((32, 32), box))
+    reference = np.zeros((32, 32), np.uint8)  # the reference's filled cv2.rectangle (x, y)
+    cv2.rectangle(reference, (6, 3), (25, 28), 255, -1)  # int(0.2 * 32), ..., int(0.9 * 32)
+    np.testing.assert_array_equal(boxed.mask, reference)
     np.testing.assert_array_equal(boxed.model_mask, boxed.mask)
     no_box = dict(record, box=np.zeros(4, np.float32))  # none stored: the mask's extent
     (extent,), _ = evaluate.read_examples([no_box], 1, "box", 32)

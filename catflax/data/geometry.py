@@ -58,12 +58,15 @@ def dilate(mask_HW: np.ndarray, kernel: int = DILATE_KERNEL) -> np.ndarray:
     return ndimage.maximum_filter(np.asarray(mask_HW, np.uint8), size=kernel, mode="nearest")
 
 
-def box_mask(shape_HW: tuple[int, int], box: np.ndarray) -> np.ndarray:
-    """Filled box (ymin, xmin, ymax, xmax in [0,1]) as a 0/255 mask, truncating like the ref."""
+def box_mask(shape_HW: tuple[int, int], box: np.ndarray, inclusive: bool = False) -> np.ndarray:
+    """Filled box (ymin, xmin, ymax, xmax in [0,1]) as a 0/255 mask, truncating like the ref:
+    the training augmentation's slice ends before int(ymax * h) (numpy); the evaluation's box
+    (`inclusive`, the reference's filled cv2.rectangle) includes that row and column."""
     h, w = shape_HW
     ymin, xmin, ymax, xmax = (float(v) for v in box)
+    end = int(inclusive)
     mask = np.zeros((h, w), np.uint8)
-    mask[int(ymin * h) : int(ymax * h), int(xmin * w) : int(xmax * w)] = 255
+    mask[int(ymin * h) : int(ymax * h) + end, int(xmin * w) : int(xmax * w) + end] = 255
     return mask
 
 
