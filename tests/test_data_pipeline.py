@@ -3,6 +3,9 @@
 import dataclasses
 import io
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -215,6 +218,15 @@ def test_process_shards_are_disjoint_and_cover():
             assert len(shards[0]) == 6 and len(shards[1]) == 4
 
 
+def _children() -> set[int]:
+    """Process ids of this process's children (Linux /proc)."""
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
 def test_tfds_source_with_worker_processes_and_resume(tmp_path):
     data_dir = str(tmp_path)  # synthetic_shapes is generated on first use
     config = dataclasses.replace(  # tokenising in workers is tested above; it costs 1 s a worker
@@ -224,7 +236,15 @@ def test_tfds_source_with_worker_processes_and_resume(tmp_path):
         num_workers=2,
         tokenize=False,
     )
+    before = _children()
     iterator = pipeline.make_iterator(config, process_index=0, process_count=1)
+    take(iterator, 5)
+    workers = _children() - before
+    assert len(workers) >= 2
+    for pid in workers:  # a preemption notice reaches the whole process group
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert _children() >= workers  # the workers ignore it: the trainer checkpoints first
     take(iterator, 5)
     state = iterator.get_state()
     expected = take(iterator, 5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import threading
 from collections.abc import Sequence
 
@@ -357,7 +358,8 @@ def make_dataset(
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.num_workers, per_worker_buffer_size=config.prefetch
-            )
+            ),
+            worker_init_fn=_ignore_sigterm,
         )
     return ds
 
@@ -405,6 +407,14 @@ def make_iterator(
     """An iterator over this process's batches (see `batch_spec`), with a resumable state."""
     dataset = make_dataset(config, data_sources, process_index, process_count)
     return PipelineIterator(dataset.__iter__(), config)
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+    """In each grain worker: a preemption notice (SIGTERM to the whole process group: Slurm,
+    GCE, `launch/tpu/stop.sh`) is the trainer's to handle; workers that died on it would end
+    the input before the trainer reaches its checkpoint. grain stops them with the iterator."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _absl_flags_ready() -> None:
