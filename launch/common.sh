@@ -124,6 +124,37 @@ run() {
   fi
 }
 
+# run_exec CMD...: like run, but the command replaces this shell, so that signals sent to the
+# script (kill, timeout, a container stop) reach the command itself.
+run_exec() {
+  if ((DRY_RUN)); then
+    printf '%s\n' "$(command_line "$@")"
+  else
+    printf '+ %s\n' "$(command_line "$@")" >&2
+    exec "$@"
+  fi
+}
+
+# absolute PATH: a relative PATH made absolute against the caller's directory (the scripts cd to
+# the project); absolute paths and URLs (gs://...) unchanged.
+absolute() {
+  case $1 in
+    /* | *://*) printf '%s' "$1" ;;
+    *) printf '%s' "$PWD/$1" ;;
+  esac
+}
+
+# absolute_paths: --workdir and --venv against the caller's directory, and --config too where
+# that file exists there (else it is looked up in the project, e.g. configs/coco.py).
+absolute_paths() {
+  [[ -n ${OPT_workdir:-} ]] && OPT_workdir=$(absolute "$OPT_workdir")
+  [[ -n ${OPT_venv:-} ]] && OPT_venv=$(absolute "$OPT_venv")
+  if [[ -n ${OPT_config:-} && -e ${OPT_config%%:*} ]]; then
+    OPT_config=$(absolute "$OPT_config")
+  fi
+  return 0
+}
+
 # set_env NAME VALUE: export NAME (printed as an `export` line with --dry-run).
 set_env() {
   if ((DRY_RUN)); then

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -159,10 +160,21 @@ def remote_command(command: list[str], worker: str = "all") -> str:
 
 
 def test_setup_copies_this_tree(tmp_path):
-    tar, scp, ssh = tpu(tmp_path, "setup")
+    pack, scp, ssh = tpu(tmp_path, "setup")
     tarball = str(tmp_path / "catflax-src-cat1.tar.gz")
-    assert tar[:5] == ["tar", "-czf", tarball, "-C", str(ROOT)]
-    assert tar[-1] == "." and "--exclude=./.git" in tar and "--exclude=./.venv*" in tar
+    # The files git lists (tracked or new, not ignored): no venvs, workdirs, weights or logs.
+    assert pack[:3] == ["git", "-C", str(ROOT)] and "--exclude-standard" in pack
+    assert pack[pack.index("|") + 1 :] == [
+        *["tar", "--null", "--ignore-failed-read", "-czf", tarball, "-C", str(ROOT), "-T", "-"]
+    ]
+    subprocess.run(shlex.join(pack).replace("'|'", "|"), shell=True, check=True)
+    with tarfile.open(tarball) as packed:
+        names = set(packed.getnames())
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    assert "catflax/main.py" in names and "launch/tpu/setup.sh" in names
+    assert {n for n in tracked if (ROOT / n).exists()} <= names
+    assert not any(n.startswith((".git/", ".venv")) or "__pycache__" in n for n in names)
     assert scp == [
         *["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "cat1:catflax-src.tar.gz"],
         *["--zone=us-central2-b", "--worker=all"],
@@ -384,6 +396,45 @@ def test_gpu_one_host(tmp_path):
     assert "catflax.main" not in result.stdout
 
 
+def test_gpu_one_host_paths_environment_and_signals(tmp_path):
+    """Relative paths are the caller's; the environment's memory fraction and XLA flags win over
+    the defaults; the run replaces the script's shell, so a SIGTERM to it reaches the run."""
+    (tmp_path / "my.py").write_text("")
+    commands = dry_run(
+        tmp_path, "launch/gpu/run_local.sh",
+        *["--config", "my.py", "--workdir", "runs/x", "--venv", "venv"],
+        XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=false",
+        XLA_PYTHON_CLIENT_MEM_FRACTION="0.5",
+    )  # fmt: skip
+    exports = dict(c[1].split("=", 1) for c in commands if c[0] == "export")
+    assert exports["XLA_FLAGS"] == (
+        "--xla_gpu_enable_latency_hiding_scheduler=true"
+        " --xla_gpu_enable_latency_hiding_scheduler=false"  # XLA keeps the last one
+    )
+    assert exports["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    assert commands[-1] == [
+        f"{tmp_path}/venv/bin/python", "-m", "catflax.main", f"--config={tmp_path}/my.py",
+        f"--workdir={tmp_path}/runs/x",
+    ]  # fmt: skip
+    # Not a dry run: a stand-in python that reports its pid and waits for SIGTERM.
+    fake = tmp_path / "venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/sh\ntrap "echo got TERM; exit 0" TERM\necho "pid $$"\n'
+                    "while :; do sleep 0.1; done\n")  # fmt: skip
+    fake.chmod(0o755)
+    args = ["--config", "my.py", "--workdir", "runs/x", "--venv", "venv"]
+    with subprocess.Popen(
+        ["bash", str(ROOT / "launch/gpu/run_local.sh"), *args], cwd=tmp_path, text=True,
+        env=script_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as script:  # fmt: skip
+        assert script.stdout.readline() == f"pid {script.pid}\n"  # the script's own process
+        script.terminate()
+        out, _ = script.communicate(timeout=10)
+    assert out == "got TERM\n" and script.returncode == 0
+    missing = launch(tmp_path, "launch/gpu/run_local.sh", *args[:4], "--venv", "none")
+    assert missing.returncode == 2 and "no virtual environment at" in missing.stderr
+
+
 def test_gpu_slurm(tmp_path):
     bin_dir = tmp_path / "bin"  # scontrol, as SLURM has it, for the job's node list
     bin_dir.mkdir()
@@ -412,6 +463,10 @@ def test_gpu_slurm(tmp_path):
             "--config.seed=1",
         ],
     ]
+    # A long node list: the first host, not a SIGPIPE that pipefail turns into a silent exit.
+    scontrol.write_text("#!/bin/sh\nfor i in $(seq 1 20000); do echo node$i; done\n")
+    commands = dry_run(tmp_path, "launch/gpu/slurm.sbatch", *args, **slurm)
+    assert commands[0] == ["export", "JAX_COORDINATOR_ADDRESS=node1:62344"]
     outside = launch(tmp_path, "launch/gpu/slurm.sbatch", *args)
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
     # sbatch runs a copy from its spool directory and finds the project by the submit dir.

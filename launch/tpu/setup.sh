@@ -39,8 +39,22 @@ if [[ -n $OPT_repo ]]; then
   [[ -z $OPT_ref ]] || fetch+=" && git -C $REMOTE_SRC checkout --quiet $(quote "$OPT_ref")"
 else
   tarball="${TMPDIR:-/tmp}/catflax-src-$OPT_name.tar.gz"
-  run tar -czf "$tarball" -C "$CATFLAX_ROOT" --exclude=./.git --exclude='./.venv*' \
-    --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache .
+  if git -C "$CATFLAX_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # The project's files, tracked or new, that git does not ignore: no workdirs, weights, logs
+    # or virtual environments kept in the tree (tracked files deleted since: a warning).
+    list=(git -C "$CATFLAX_ROOT" ls-files -z --cached --others --exclude-standard)
+    pack=(tar --null --ignore-failed-read -czf "$tarball" -C "$CATFLAX_ROOT" -T -)
+    if ((DRY_RUN)); then
+      printf '%s | %s\n' "$(command_line "${list[@]}")" "$(command_line "${pack[@]}")"
+    else
+      printf '+ %s | %s\n' "$(command_line "${list[@]}")" "$(command_line "${pack[@]}")" >&2
+      "${list[@]}" | "${pack[@]}"
+    fi
+  else
+    run tar -czf "$tarball" -C "$CATFLAX_ROOT" --exclude=./.git --exclude='./.venv*' \
+      --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
+      --exclude=.ruff_cache .
+  fi
   run gcloud compute tpus tpu-vm scp "$tarball" "$OPT_name:catflax-src.tar.gz" \
     "${GCLOUD_FLAGS[@]}" "${SSH_EXTRA[@]}" --worker=all
   fetch="rm -rf $REMOTE_SRC && mkdir $REMOTE_SRC && tar -xzf catflax-src.tar.gz -C $REMOTE_SRC"
