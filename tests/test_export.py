@@ -253,6 +253,14 @@ def test_an_official_checkpoint_loads_as_weights_cat_for_fine_tuning(run, final,
     notes = loop.load_pretrained(tuned, params, shardings)
     assert notes == [f"every part from the CAT-Diffusion checkpoint {path}"]
     assert_same(params, nnx.state(model, nnx.Param))
+    # weights.sd as well (configs/coco.py sets it): the checkpoint's UNet and VAE stay, not SD's
+    # with a fresh adapter; sd is not even read.
+    tuned.weights.sd = str(tmp_path / "no-such-sd")
+    _, params, shardings = export._abstract_params(tuned, export.export_mesh())
+    notes = loop.load_pretrained(tuned, params, shardings)
+    assert notes[1] == f"weights.sd={tuned.weights.sd} not used: weights.cat gives the UNet and VAE"
+    assert_same(params, nnx.state(model, nnx.Param))
+    tuned.weights.sd = ""
 
     state = io.read_safetensors(path)
     sd_only = {k: v for k, v in state.items() if not k.startswith("fusion_model.")}

@@ -24,7 +24,8 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
     (`check_training_weights` says where training should not start from it).
 
     - weights.cat:  an official CAT-Diffusion checkpoint (every part but the tokenizer; the
-                    CLIP towers from weights.clip instead where that is given);
+                    CLIP towers from weights.clip instead where that is given; weights.sd
+                    is then not used: it would replace the trained UNet and adapter);
     - weights.clip: a transformers CLIP directory (text and vision towers);
     - weights.sd:   SD-1.5-inpainting (diffusers directory or LDM file): UNet and VAE, the
                     reference adapter freshly initialised as stage 1b starts (SPEC.md §2).
@@ -77,7 +78,10 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
             )  # fmt: skip
             params[part] = _params(model)
         notes.append(f"CLIP towers from {w.clip}")
-    if w.sd:
+    if w.sd and w.get("cat", ""):  # SD weights would replace the checkpoint's trained UNet
+        notes.append(f"weights.sd={w.sd} not used: weights.cat gives the UNet and VAE")
+        logging.warning(notes[-1])
+    elif w.sd:
         unet, report = UNet.from_pretrained(
             w.sd, config=cfg.unet, init_missing_adapter=True, seed=config.seed,
             allow_pickle=allow_pickle, place=_placer(shardings, "unet"), output_loading_info=True,
