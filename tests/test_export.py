@@ -240,6 +240,23 @@ def test_reference_export_loads_with_the_official_layout_loader(run, final, tmp_
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+def test_a_clip_folder_must_fit_the_config(run):
+    """weights.clip with other sizes than config.model.clip_* (a 336 px CLIP under a 224 px
+    config ran silently; other layer counts failed without a name): an error naming both."""
+    from catflax.models.cat import ConfigError
+
+    _, config, _, _ = run
+    wrong = config.copy_and_resolve_references()
+    wrong.model.clip_text.num_layers = 2
+    _, params, shardings = export._abstract_params(wrong, export.export_mesh())
+    with pytest.raises(
+        ConfigError,
+        match=r"clip/config.json: this CLIP does not fit config\.model"
+        r"\.clip_text \(num_layers: 2 in config.model.clip_text, 1 in the file\)",
+    ):
+        loop.load_pretrained(wrong, params, shardings)
+
+
 def test_an_official_checkpoint_loads_as_weights_cat_for_fine_tuning(run, final, tmp_path):
     """config.weights.cat (the reference-format export stands in for the official file) gives
     every part; a file that is not a CAT-Diffusion checkpoint is refused before any part loads."""

@@ -108,6 +108,12 @@ def test_unet_matches_diffusers_directory(tiny_unet):
     direct = UNet.from_pretrained(str(root / "unet"), ref_adapter=False)
     out = forward(direct, x[::-1], t[::-1], context[::-1])
     np.testing.assert_allclose(out, ref[::-1], atol=1e-4)
+    # Run-time choices (a remat policy) are not sizes to check against config.json; an unknown
+    # option is named.
+    remat = UNet.from_pretrained(str(root), ref_adapter=False, remat=True, remat_policy="dots")
+    assert remat.config.remat_policy == "dots"
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['dtpye'\] for UNetConfig"):
+        UNet.from_pretrained(str(root), ref_adapter=False, dtpye="bfloat16")
 
 
 def test_fp16_variant_files_load_single_and_sharded(tiny_unet, tmp_path):
@@ -130,9 +136,15 @@ def test_fp16_variant_files_load_single_and_sharded(tiny_unet, tmp_path):
         assert kernel.dtype == np.float32
         np.testing.assert_array_equal(kernel, want["conv_in.weight"].transpose(2, 3, 1, 0))
     half.save_pretrained(tmp_path / "single", variant="ema")
-    with pytest.raises(io.WeightFileError, match=r"the variants \['ema', 'fp16'\]; keep one"):
+    with pytest.raises(io.WeightFileError, match=r"the variants \['ema', 'fp16'\]; pick one"):
         io.read_state_dict(str(tmp_path / "single"))
     assert io.read_state_dict(str(tmp_path / "single"), variant="ema").keys() == want.keys()
+    picked = UNet.from_pretrained(str(tmp_path / "single"), ref_adapter=False, variant="fp16")
+    np.testing.assert_array_equal(
+        np.asarray(picked.conv_in.kernel.get_value()), want["conv_in.weight"].transpose(2, 3, 1, 0)
+    )
+    with pytest.raises(ValueError, match="variant='fp16' picks files in a model directory"):
+        UNet.from_pretrained(str(tmp_path / "x.safetensors"), variant="fp16")
     # A plain pickle beside a safetensors variant: the safetensors file is the one read.
     torch.save(half.state_dict(), tmp_path / "sharded" / "diffusion_pytorch_model.bin")
     first = os.path.basename(io.find_weight_file(str(tmp_path / "sharded"))[0])

@@ -259,13 +259,14 @@ def _rename_vision(key: str) -> str:
 
 
 def _from_pretrained(
-    cls, path, config_fn, prefix, rename, dtype, param_dtype, allow_pickle, place, **overrides
-):
+    cls, path, config_fn, prefix, rename, dtype, param_dtype, allow_pickle, place, variant,
+    **overrides,
+):  # fmt: skip
     from catflax.weights import convert, io
 
     hf_config = io.read_json(os.path.join(path, "config.json"))
     cfg = config_fn(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
-    state = io.read_state_dict(path, allow_pickle=allow_pickle)
+    state = io.read_state_dict(path, allow_pickle=allow_pickle, variant=variant)
     if not any(k.startswith(prefix) for k in state):  # a bare tower saved without its prefix
         state = {prefix + k: v for k, v in state.items()}
     # A CLIPModel directory holds both towers and the projections: take this tower's keys.
@@ -298,12 +299,13 @@ class CLIPTextModel(nnx.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, dtype: str = "float32", param_dtype: str = "float32",
-        allow_pickle: bool = False, place=None, **overrides,
+        allow_pickle: bool = False, place=None, variant: str | None = None, **overrides,
     ) -> CLIPTextModel:  # fmt: skip
-        """Loads a transformers CLIPTextModel or CLIPModel directory (safetensors by default)."""
+        """Loads a transformers CLIPTextModel or CLIPModel directory (safetensors by default;
+        `variant`: e.g. "fp16" for model.fp16.safetensors)."""
         return _from_pretrained(
             cls, path, text_config_from_hf, "text_model.", None, dtype, param_dtype,
-            allow_pickle, place, **overrides,
+            allow_pickle, place, variant, **overrides,
         )  # fmt: skip
 
 
@@ -320,10 +322,10 @@ class CLIPVisionModel(nnx.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, dtype: str = "float32", param_dtype: str = "float32",
-        allow_pickle: bool = False, place=None, **overrides,
+        allow_pickle: bool = False, place=None, variant: str | None = None, **overrides,
     ) -> CLIPVisionModel:  # fmt: skip
-        """Loads a transformers CLIPVisionModel or CLIPModel directory (safetensors by default)."""
+        """Loads a transformers CLIPVisionModel or CLIPModel directory (see CLIPTextModel)."""
         return _from_pretrained(
             cls, path, vision_config_from_hf, "vision_model.", _rename_vision, dtype,
-            param_dtype, allow_pickle, place, **overrides,
+            param_dtype, allow_pickle, place, variant, **overrides,
         )  # fmt: skip

@@ -377,14 +377,16 @@ class UNet(nnx.Module):
     def from_pretrained(
         cls, path: str, *, config: UNetConfig | None = None, allow_pickle: bool = False,
         init_missing_adapter: bool = False, seed: int = 0, place=None,
-        output_loading_info: bool = False, **overrides,
+        output_loading_info: bool = False, variant: str | None = None, **overrides,
     ):  # fmt: skip
         """Loads a diffusers directory (a pipeline root with unet/, or the unet/ folder itself) or
         an LDM / CAT-Diffusion single-file checkpoint (.safetensors; .ckpt with allow_pickle).
 
         A diffusers config.json gives the sizes: `config` and `overrides` may set dtype,
         attention, remat, ref_adapter, ref_dim, but not contradict it. A single file takes
-        `config` (default SD-1.5-inpainting + adapter) with `overrides`. Returns the model, or
+        `config` (default SD-1.5-inpainting + adapter) with `overrides`. `variant` (e.g.
+        "fp16") picks a directory's diffusion_pytorch_model.<variant>.safetensors files (a
+        directory with only one variant loads it without being told). Returns the model, or
         (model, LoadReport).
         """
         import os
@@ -395,11 +397,21 @@ class UNet(nnx.Module):
                   seed=seed, place=place)  # fmt: skip
         if os.path.isdir(path):  # a given `config` must agree with config.json
             fields = dataclasses.asdict(config) if config else {}
-            model, report = diffusers_format.load_unet(path, **kw, **{**fields, **overrides})
+            model, report = diffusers_format.load_unet(
+                path, **kw, variant=variant, **{**fields, **overrides}
+            )
         else:
+            _no_variant(path, variant)
             cfg = dataclasses.replace(config or CAT_UNET, **overrides)
             model, report = ldm.load_unet(path, cfg, **kw)
         return (model, report) if output_loading_info else model
+
+
+def _no_variant(path: str, variant: str | None) -> None:
+    if variant:
+        raise ValueError(
+            f"{path}: variant={variant!r} picks files in a model directory; a single file has none"
+        )
 
 
 def _load_error(source: str, note: str, **keys):

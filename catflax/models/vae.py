@@ -257,20 +257,22 @@ class AutoencoderKL(nnx.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, *, config: VAEConfig | None = None, allow_pickle: bool = False,
-        place=None, output_loading_info: bool = False, **overrides,
+        place=None, output_loading_info: bool = False, variant: str | None = None, **overrides,
     ):  # fmt: skip
         """Loads a diffusers directory (pipeline root with vae/, or vae/ itself) or an LDM single
         file (`first_stage_model.*`, or a bare VAE file); see `UNet.from_pretrained`."""
         import os
 
+        from catflax.models.unet import _no_variant
         from catflax.weights import diffusers_format, ldm
 
         if os.path.isdir(path):  # a given `config` must agree with config.json
             fields = {**(dataclasses.asdict(config) if config else {}), **overrides}
             model, report = diffusers_format.load_vae(
-                path, allow_pickle=allow_pickle, place=place, **fields
+                path, allow_pickle=allow_pickle, place=place, variant=variant, **fields
             )
         else:
+            _no_variant(path, variant)
             cfg = dataclasses.replace(config or SD15_VAE, **overrides)
             model, report = ldm.load_vae(path, cfg, allow_pickle=allow_pickle, place=place)
         return (model, report) if output_loading_info else model

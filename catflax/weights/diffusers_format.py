@@ -15,7 +15,9 @@ from catflax.models.vae import AutoencoderKL, VAEConfig
 from catflax.weights import io
 
 # Fields our configs take from diffusers' config.json; the rest are run-time choices.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "ref_adapter", "ref_dim")
+_RUNTIME_FIELDS = (
+    "dtype", "param_dtype", "attention", "remat", "remat_policy", "ref_adapter", "ref_dim"
+)  # fmt: skip
 
 # diffusers' own defaults, for the fields old config.json files leave out.
 _UNET_DEFAULTS = dict(
@@ -90,6 +92,12 @@ def _check_fixed(hf: dict, fixed: dict, source: str) -> None:
 
 def _apply_overrides(cfg, overrides: dict, source: str):
     """Run-time fields are free; a size field may only repeat what the file says."""
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"{source}: unknown option(s) {unknown} for {type(cfg).__name__}; it takes {fields}"
+        )
     for field, value in overrides.items():
         if field not in _RUNTIME_FIELDS and getattr(cfg, field) != value:
             raise io.WeightFileError(
@@ -181,23 +189,27 @@ def rename_deprecated_attention(state: dict[str, Any]) -> dict[str, Any]:
 
 def load_unet(
     path: str, *, allow_pickle: bool = False, init_missing_adapter: bool = False, seed: int = 0,
-    place=None, **overrides,
+    place=None, variant: str | None = None, **overrides,
 ):  # fmt: skip
-    """(UNet, LoadReport) from a diffusers pipeline root or its `unet/` directory."""
+    """(UNet, LoadReport) from a diffusers pipeline root or its `unet/` directory (`variant`:
+    e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors)."""
     directory = component_dir(path, "unet")
     config_path = os.path.join(directory, "config.json")
     cfg = unet_config_from_diffusers(io.read_json(config_path), config_path, **overrides)
-    state = io.read_state_dict(directory, allow_pickle=allow_pickle)
+    state = io.read_state_dict(directory, allow_pickle=allow_pickle, variant=variant)
     return UNet.from_state_dict(
         cfg, state, source_name=directory, init_missing_adapter=init_missing_adapter, seed=seed,
         place=place,
     )  # fmt: skip
 
 
-def load_vae(path: str, *, allow_pickle: bool = False, place=None, **overrides):
+def load_vae(
+    path: str, *, allow_pickle: bool = False, place=None, variant: str | None = None, **overrides
+):
     """(AutoencoderKL, LoadReport) from a diffusers pipeline root or its `vae/` directory."""
     directory = component_dir(path, "vae")
     config_path = os.path.join(directory, "config.json")
     cfg = vae_config_from_diffusers(io.read_json(config_path), config_path, **overrides)
-    state = rename_deprecated_attention(io.read_state_dict(directory, allow_pickle=allow_pickle))
+    state = io.read_state_dict(directory, allow_pickle=allow_pickle, variant=variant)
+    state = rename_deprecated_attention(state)
     return AutoencoderKL.from_state_dict(cfg, state, source_name=directory, place=place)

@@ -235,8 +235,8 @@ def find_weight_file(
             return find_weight_file(directory, allow_pickle, variants[0])
         if variants:
             raise WeightFileError(
-                f"{directory}: no plain weight file but the variants {variants}; keep one of "
-                "them, or read one with catflax.weights.io.read_state_dict(DIR, variant=NAME)"
+                f"{directory}: no plain weight file but the variants {variants}; pick one "
+                "with variant=NAME (the models' from_pretrained, io.read_state_dict), or keep one"
             )
     for name in pickles:
         path = os.path.join(directory, name)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import jax
 from absl import logging
 from flax import nnx
@@ -16,6 +19,28 @@ def _placer(shardings, part: str):
 
 def _params(model) -> nnx.State:
     return nnx.state(model, nnx.Param)
+
+
+# Config fields that are run-time choices, not sizes; eos_token_id: transformers' legacy CLIP
+# configs say 2 (pool at the largest id), the same position as 49407 with the CLIP vocabulary.
+_NOT_SIZES = {"dtype", "param_dtype", "attention", "remat", "remat_policy", "eos_token_id"}
+
+
+def _check_tower_sizes(folder: str, part: str, wanted, found) -> None:
+    """A CLIP folder's tower must have config.model's sizes (the towers are built from the
+    config; a 336 px or ViT-B file would otherwise fail later without a name, or not at all)."""
+    diffs = [
+        f"{f.name}: {getattr(wanted, f.name)!r} in config.model.{part}, "
+        f"{getattr(found, f.name)!r} in the file"
+        for f in dataclasses.fields(wanted)
+        if f.name not in _NOT_SIZES and getattr(wanted, f.name) != getattr(found, f.name)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{os.path.join(folder, 'config.json')}: this CLIP does not fit config.model.{part} "
+            f"({'; '.join(diffs)}); set config.model.{part} to the file's sizes, or name the "
+            "CLIP the config describes"
+        )
 
 
 def load_into(params: nnx.State, shardings, config) -> list[str]:
@@ -69,6 +94,11 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
         towers = (
             ("clip_text", clip.CLIPTextModel, cfg.clip_text),
             ("clip_vision", clip.CLIPVisionModel, cfg.clip_vision),
+        )
+        hf_config = io.read_json(os.path.join(w.clip, "config.json"))
+        _check_tower_sizes(w.clip, "clip_text", cfg.clip_text, clip.text_config_from_hf(hf_config))
+        _check_tower_sizes(
+            w.clip, "clip_vision", cfg.clip_vision, clip.vision_config_from_hf(hf_config)
         )
         for part, tower, tower_cfg in towers:
             model = tower.from_pretrained(
