@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -125,8 +126,12 @@ def jobs_from_options(opts: Options) -> list[Job]:
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or give --batch=FILE.jsonl)")
         jobs = [Job(opts.image, opts.mask, opts.prompt, opts.out, opts.seed)]
-    if opts.feather < 0:
-        raise ValueError(f"--feather={opts.feather}: must be >= 0 (pixels)")
+    check_numbers(opts, len(jobs))
+    inputs = {os.path.realpath(p): p for job in jobs for p in (job.image, job.mask)}
+    for job in jobs:
+        if (same := inputs.get(os.path.realpath(job.out))) is not None:
+            hint = "; give --out_dir another folder" if opts.batch else ""
+            raise ValueError(f"{job.out}: the output would overwrite the input {same}{hint}")
     for job in jobs:
         for what, path in (("image", job.image), ("mask", job.mask)):
             if not os.path.isfile(path):
@@ -136,6 +141,27 @@ def jobs_from_options(opts: Options) -> list[Job]:
         if os.path.isdir(job.out):
             raise ValueError(f"{job.out}: output path is a directory")
     return jobs
+
+
+def check_numbers(opts: Options, num_jobs: int) -> None:
+    """The numeric options, before any model loads (errors name the flag and value)."""
+    problems = []
+    if opts.feather < 0 or not math.isfinite(opts.feather):
+        problems.append(f"--feather={opts.feather}: must be >= 0 (pixels)")
+    if opts.num_steps is not None and opts.num_steps < 1:
+        problems.append(f"--num_steps={opts.num_steps}: must be >= 1")
+    if opts.guidance_scale is not None and not math.isfinite(opts.guidance_scale):
+        problems.append(f"--guidance_scale={opts.guidance_scale}: must be a finite number")
+    if opts.eta is not None and not (math.isfinite(opts.eta) and opts.eta >= 0):
+        problems.append(f"--eta={opts.eta}: must be >= 0")
+    if not 0 <= opts.seed or opts.seed + num_jobs > 2**32:
+        problems.append(f"--seed={opts.seed}: seeds (one per job) must lie in [0, 2**32)")
+    if opts.batch_size < 1:
+        problems.append(f"--batch_size={opts.batch_size}: must be >= 1")
+    if opts.resolution is not None and (opts.resolution < 8 or opts.resolution % 8):
+        problems.append(f"--resolution={opts.resolution}: must be a positive multiple of 8")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 @functools.cache
@@ -155,10 +181,11 @@ def read_jobs(path: str, out_dir: str, seed: int) -> list[Job]:
     """Lines of {image, mask, prompt, out?}; errors name the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: batch file not found")
-    base, jobs, names = os.path.dirname(os.path.abspath(path)), [], set()
+    base = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    for i, (n, line) in enumerate(lines):
+    entries = []
+    for n, line in lines:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
@@ -168,11 +195,22 @@ def read_jobs(path: str, out_dir: str, seed: int) -> list[Job]:
         missing = [k for k in ("image", "mask", "prompt") if not isinstance(entry.get(k), str)]
         if missing:
             raise ValueError(f"{path}:{n}: needs string field(s) {missing}")
+        entries.append((n, entry))
+    explicit: dict[str, int] = {}  # an "out" a line asks for is kept as it is, and only once
+    for n, entry in entries:
+        if out := entry.get("out"):
+            if out in explicit:
+                raise ValueError(f'{path}:{n}: "out": {out!r} is line {explicit[out]}\'s too')
+            explicit[out] = n
+    jobs, names = [], set(explicit)
+    for i, (n, entry) in enumerate(entries):
         image, mask = (os.path.join(base, entry[k]) for k in ("image", "mask"))
-        out = entry.get("out") or os.path.splitext(os.path.basename(image))[0] + ".png"
-        if out in names:  # two lines on one image: keep both results
-            out = f"{os.path.splitext(out)[0]}_{n}.png"
-        names.add(out)
+        out = entry.get("out")
+        if not out:  # the image's name as .png; two lines on one image keep both results
+            out = os.path.splitext(os.path.basename(image))[0] + ".png"
+            if out in names:
+                out = f"{os.path.splitext(out)[0]}_{n}.png"
+            names.add(out)
         jobs.append(Job(image, mask, entry["prompt"], os.path.join(out_dir, out), seed + i))
     if not jobs:
         raise ValueError(f"{path}: no jobs in the batch file")

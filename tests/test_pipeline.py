@@ -296,6 +296,22 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path):
         f"{a_dir}: output path is a directory": [f"--out={a_dir}"],
         "o.psd: output needs an image file extension": [f"--out={tmp_path / 'o.psd'}"],
         "--feather=-1.0: must be >= 0": [f"--out={tmp_path / 'o.png'}", "--feather=-1"],
+        f"{tmp_path / 'in.png'}: the output would overwrite the input": [
+            f"--out={tmp_path / 'in.png'}"
+        ],
+        "--num_steps=0: must be >= 1; --guidance_scale=nan: must be a finite number": [
+            f"--out={tmp_path / 'o.png'}",
+            "--num_steps=0",
+            "--guidance_scale=nan",
+        ],
+        "--seed=-1: seeds (one per job) must lie in [0, 2**32)": [
+            f"--out={tmp_path / 'o.png'}",
+            "--seed=-1",
+        ],
+        "--resolution=60: must be a positive multiple of 8": [
+            f"--out={tmp_path / 'o.png'}",
+            "--resolution=60",
+        ],
     }
     for message, extra in cases.items():
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -305,6 +321,13 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path):
     batch = [base[0], "--prompt=x", f"--batch={jobs}", f"--out_dir={tmp_path}"]
     with pytest.raises(ValueError, match="--batch replaces --image/--mask/--prompt/--out"):
         inpaint.run(inpaint.parse(batch))
+    # --out_dir the images' own folder: the default names (in.png) would replace the inputs.
+    with pytest.raises(ValueError, match=r"in\.png: the output would overwrite the input"):
+        inpaint.run(inpaint.parse([base[0], f"--batch={jobs}", f"--out_dir={tmp_path}"]))
+    twice = '{"image": "in.png", "mask": "mask.png", "prompt": "a", "out": "o.png"}\n'
+    jobs.write_text(twice * 2)
+    with pytest.raises(ValueError, match=r"jobs\.jsonl:2: \"out\": 'o\.png' is line 1's too"):
+        inpaint.run(inpaint.parse([base[0], f"--batch={jobs}", f"--out_dir={tmp_path}/r"]))
     with pytest.raises(Exception, match=re.escape("value should be one of <float32|bfloat16>")):
         inpaint.parse([*base, "--dtype=fp16"])
 
@@ -328,14 +351,14 @@ def test_batch_file_mode(pipe, saved, tmp_path):
         Image.fromarray(image).save(tmp_path / f"img{i}.png")
         Image.fromarray(mask).save(tmp_path / f"mask{i}.png")
         rows.append({"image": f"img{i}.png", "mask": f"mask{i}.png", "prompt": f"thing {i}"})
-    rows[2]["out"] = "named.png"
+    rows[2]["out"] = "img0.png"  # asked for by name: line 3 keeps it, line 1's default moves
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     opts = inpaint.parse([
         f"--weights={saved}", f"--batch={tmp_path / 'jobs.jsonl'}",
         f"--out_dir={tmp_path / 'results'}", "--batch_size=2", "--seed=4",
     ])  # fmt: skip
     written = inpaint.run(opts, pipeline=pipe, report=lambda m: None)
-    assert [os.path.basename(p) for p in written] == ["img0.png", "img1.png", "named.png"]
+    assert [os.path.basename(p) for p in written] == ["img0_1.png", "img1.png", "img0.png"]
     for i, path in enumerate(written):
         image, mask = example(*Image.open(tmp_path / f"img{i}.png").size, seed=10 + i)
         single = pipe(image, mask, f"thing {i}", num_steps=STEPS, seed=4 + i)
