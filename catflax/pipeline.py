@@ -42,6 +42,14 @@ class SamplingConfig:
     eta: float = 0.0  # 0 = deterministic DDIM
 
 
+def sampling_config(settings: Mapping[str, Any], where: str = "sampling") -> SamplingConfig:
+    """A SamplingConfig from a mapping; unknown keys are an error naming `where`."""
+    known = {f.name for f in dataclasses.fields(SamplingConfig)}
+    if unknown := sorted(set(settings) - known):
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    return SamplingConfig(**{k: settings[k] for k in settings})
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling: one jitted function for every pipeline; compiles once per (graph, batch, steps,
 # eta > 0 or not, guided or not)
@@ -108,7 +116,7 @@ class CATPipeline:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
         self.resolution = int(resolution)
         if sampling is not None and not isinstance(sampling, SamplingConfig):
-            sampling = SamplingConfig(**{k: sampling[k] for k in sampling})
+            sampling = sampling_config(sampling)
         self.sampling = sampling or SamplingConfig()
         vision, grid = cfg.clip_vision, cfg.inpainter.grid_size
         if vision.image_size // vision.patch_size != grid:
@@ -166,12 +174,19 @@ class CATPipeline:
         if os.path.isdir(path):
             if config is not None:
                 raise ValueError(f"{path}: a catflax directory has its own config; drop `config`")
+            if clip_path:
+                warnings.warn(
+                    f"clip_path={clip_path} is not used: the catflax directory {path} has its own "
+                    "CLIP towers and tokenizer", stacklevel=2,
+                )  # fmt: skip
             meta = pipeline_format.read_config(path)
             cfg = pipeline_format.with_overrides(CATConfig.from_dict(meta["model"]), over)
             model = pipeline_format.load_directory(path, cfg)
             tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
             res = resolution or meta["resolution"]
-            return cls(model, tokenizer, resolution=res, sampling=meta.get("sampling"))
+            where = f"{os.path.join(path, 'config.json')}: sampling"
+            sampling = sampling_config(meta.get("sampling") or {}, where)
+            return cls(model, tokenizer, resolution=res, sampling=sampling)
         if config is not None and not isinstance(config, CATConfig):
             config = CATConfig.from_dict(config)
         cfg = pipeline_format.with_overrides(config or CATConfig(), over)

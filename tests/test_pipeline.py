@@ -427,6 +427,38 @@ def test_official_checkpoint_loads_like_the_directory(pipe, tmp_path):
     assert_same_params(pickled.model, pipe.model)
 
 
+def test_damaged_pipeline_configs_are_named(pipe, saved, tmp_path):
+    """A hand-edited config.json: errors name the file and key; a folder holding another
+    config.json (a training workdir) is not overwritten by save_pretrained."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy)
+    meta = json.loads((copy / "config.json").read_text())
+    edits = {
+        r"config.json: missing or malformed \['resolution'\]": lambda m: m.pop("resolution"),
+        r"config.json: missing or malformed \['model.unet'\]": lambda m: m["model"].pop("unet"),
+        r"config.json: sampling: unknown setting\(s\) \['steps'\]": (
+            lambda m: m["sampling"].update(steps=3)
+        ),
+    }
+    for message, edit in edits.items():
+        broken = json.loads(json.dumps(meta))
+        edit(broken)
+        (copy / "config.json").write_text(json.dumps(broken))
+        with pytest.raises((io.WeightFileError, ValueError), match=message):
+            CATPipeline.from_pretrained(str(copy))
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"seed": 0}')
+    with pytest.raises(io.WeightFileError, match="exists and is not a catflax pipeline config"):
+        pipe.save_pretrained(str(workdir))
+    assert json.loads((workdir / "config.json").read_text()) == {"seed": 0}
+    pipe.save_pretrained(str(copy))  # over an earlier pipeline: allowed
+    with pytest.warns(UserWarning, match="clip_path=elsewhere is not used"):
+        CATPipeline.from_pretrained(str(copy), clip_path="elsewhere")
+
+
 def test_bad_weights_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         CATPipeline.from_pretrained(str(tmp_path / "nowhere"))

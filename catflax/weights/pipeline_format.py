@@ -50,7 +50,19 @@ def component_state_dict(model: CATDiffusion, name: str) -> dict[str, np.ndarray
 def write_directory(
     path: str, model: CATDiffusion, tokenizer, resolution: int, sampling: Mapping[str, Any]
 ) -> None:
-    """Writes the directory (see the module docstring)."""
+    """Writes the directory (see the module docstring); a folder whose config.json is not a
+    pipeline's (a training workdir, a diffusers folder) is refused, not overwritten."""
+    existing = os.path.join(path, "config.json")
+    if os.path.isfile(existing):
+        try:
+            ours = io.read_json(existing).get("format") == FORMAT
+        except (io.WeightFileError, AttributeError):
+            ours = False
+        if not ours:
+            raise io.WeightFileError(
+                f"{existing}: exists and is not a catflax pipeline config (a training run's, or "
+                "another model's?); write the pipeline to another folder"
+            )
     os.makedirs(path, exist_ok=True)
     for name in COMPONENTS:
         tensors = component_state_dict(model, name)
@@ -88,6 +100,12 @@ def read_config(path: str) -> dict[str, Any]:
             f"{config_path}: format_version {meta['format_version']} is newer than this catflax "
             f"reads ({FORMAT_VERSION})"
         )
+    model = meta.get("model")
+    missing = [f"model.{n}" for n in COMPONENTS if not isinstance(model, dict) or n not in model]
+    if not isinstance(meta.get("resolution"), int):
+        missing.append("resolution")
+    if missing:
+        raise io.WeightFileError(f"{config_path}: missing or malformed {missing}")
     return meta
 
 
