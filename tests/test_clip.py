@@ -199,6 +199,40 @@ def test_pickles_load_only_when_asked(tmp_path):
         clip.CLIPVisionModel.from_pretrained(str(path), allow_pickle=True)
 
 
+def test_malformed_weight_files_are_named(tmp_path):
+    """Files that are not what their names say: errors that name the file and the problem."""
+    from catflax.weights import io
+
+    def header_file(name, header):
+        raw = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(len(raw).to_bytes(8, "little") + raw)
+        return str(tmp_path / name)
+
+    for name, header in (("list.safetensors", [1, 2]),
+                         ("offsets.safetensors", {"a": {"dtype": "F32", "shape": [1],
+                                                        "data_offsets": "x"}})):  # fmt: skip
+        with pytest.raises(WeightFileError, match=rf"{name}: not a safetensors file \(malformed"):
+            io.read_safetensors(header_file(name, header))
+    torch.save([1, 2], tmp_path / "list.bin")
+    with pytest.raises(WeightFileError, match=r"list\.bin: holds a list, not a state dict"):
+        io.read_pickle(str(tmp_path / "list.bin"))
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, tmp_path / "nested.bin")
+    with pytest.raises(WeightFileError, match=r"nested\.bin: no tensors at the top level, only "
+                       r"the dicts \['model'\]"):  # fmt: skip
+        io.read_pickle(str(tmp_path / "nested.bin"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": 3}}')
+    with pytest.raises(WeightFileError, match="weight_map is not a {key: file name} mapping"):
+        io.read_state_dict(str(folder))
+    # A safetensors variant comes before a plain pickle, also when pickles are allowed.
+    os.remove(folder / "model.safetensors.index.json")
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    write_safetensors(str(folder / "model.fp16.safetensors"), {"w": np.ones(2, np.float16)})
+    files = io.find_weight_file(str(folder), allow_pickle=True)
+    assert [os.path.basename(f) for f in files] == ["model.fp16.safetensors"]
+
+
 def test_full_size_presets_have_vit_l14_parameter_counts():
     from flax import nnx
 

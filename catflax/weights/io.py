@@ -58,9 +58,13 @@ def _check_safetensors_header(path: str) -> None:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WeightFileError(f"{path}: not a safetensors file (bad header: {e})") from e
-    data_end = max(
-        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-    )
+    try:
+        data_end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+        raise WeightFileError(f"{path}: not a safetensors file (malformed header: {e!r})") from e
     if 8 + header_len + data_end > size:
         raise WeightFileError(
             f"{path}: truncated safetensors file: tensors need {8 + header_len + data_end} "
@@ -92,6 +96,14 @@ def read_pickle(path: str) -> dict[str, np.ndarray]:
         raise WeightFileError(f"{path}: not a readable PyTorch weights file ({e})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightFileError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    nested = sorted(k for k, v in obj.items() if isinstance(v, dict))
+    if nested and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightFileError(
+            f"{path}: no tensors at the top level, only the dicts {nested[:10]}; save the state "
+            "dict itself (e.g. checkpoint['model'])"
+        )
     out = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
@@ -141,8 +153,8 @@ def read_weight_map(index_path: str) -> dict[str, str]:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise WeightFileError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from e
-    if not isinstance(weight_map, dict):
-        raise WeightFileError(f"{index_path}: weight_map is not a {{key: file}} mapping")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightFileError(f"{index_path}: weight_map is not a {{key: file name}} mapping")
     return weight_map
 
 
@@ -228,16 +240,21 @@ def find_weight_file(
     found = _safetensors_files(directory, singles, indexes)
     if found:
         return found
-    plain_pickle = allow_pickle and any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
-    if not variant and not plain_pickle:
-        variants = weight_variants(directory, pickles=allow_pickle)
-        if len(variants) == 1:
-            return find_weight_file(directory, allow_pickle, variants[0])
-        if variants:
+
+    def one_variant(variants: list[str]) -> list[str] | None:
+        if len(variants) > 1:
             raise WeightFileError(
                 f"{directory}: no plain weight file but the variants {variants}; pick one "
                 "with variant=NAME (the models' from_pretrained, io.read_state_dict), or keep one"
             )
+        return find_weight_file(directory, allow_pickle, variants[0]) if variants else None
+
+    if not variant and (found := one_variant(weight_variants(directory))):
+        return found  # a safetensors variant comes before any pickle
+    plain_pickle = any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
+    pickled_variant = not variant and allow_pickle and not plain_pickle
+    if pickled_variant and (found := one_variant(weight_variants(directory, pickles=True))):
+        return found
     for name in pickles:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
