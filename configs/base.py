@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
         stage.warmup_steps = 0  # linear warmup
         if name == "1a":
             stage.masked_numerator = False  # True: the paper's loss on masked patches only
-            # Reduce-on-plateau on the validation loss (the reference's, once an epoch): every
+            # Reduce-on-plateau on the validation loss (the reference's ran once an epoch, over
+            # 2 epochs, so with patience 2 it never fired; plateau_every=0 is that): every
             # plateau_every steps (0: constant rate) the distillation loss over the first
             # plateau_eval_batches batches of data.eval_* (0: all); after more than
             # plateau_patience validations without a relative improvement of plateau_threshold,
