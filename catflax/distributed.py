@@ -66,14 +66,22 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
 
 
 def slurm_first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[003-010,12],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\]([^,]*))?", nodelist.strip())
-    prefix, ranges, suffix = match.group(1), match.group(2), match.group(3) or ""
-    if not prefix and ranges is None:
+    """The first host of a SLURM node list: 'gpu[003-010,12],cpu1' -> 'gpu003',
+    'rack[1-2]-node[01-04]' -> 'rack1-node01' (each bracket group gives its first value)."""
+    text, host, i = nodelist.strip(), "", 0
+    while i < len(text) and text[i] != ",":
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                break
+            host += re.split(r"[,-]", text[i + 1 : end], maxsplit=1)[0]
+            i = end + 1
+        else:
+            host += text[i]
+            i += 1
+    if not host or (i < len(text) and text[i] == "["):
         raise ClusterConfigError(f"cannot read a host name from SLURM node list {nodelist!r}")
-    if ranges is None:
-        return prefix
-    return prefix + re.split(r"[,-]", ranges, maxsplit=1)[0] + suffix
+    return host
 
 
 def _tasks_per_node(environ: Mapping[str, str]) -> int:

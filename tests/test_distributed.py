@@ -145,8 +145,11 @@ def test_first_host_matches_jax(monkeypatch, nodelist):
 
 def test_first_host_keeps_suffix():
     assert distributed.slurm_first_host("a[7-9]-ib,b1") == "a7-ib"
-    with pytest.raises(ClusterConfigError, match="node list"):
-        distributed.slurm_first_host("")
+    assert distributed.slurm_first_host("rack[1-2]-node[01-04],x") == "rack1-node01"
+    assert distributed.slurm_first_host("n[3,5-6]") == "n3"
+    for bad in ("", "n[1-4"):
+        with pytest.raises(ClusterConfigError, match="node list"):
+            distributed.slurm_first_host(bad)
 
 
 # ---------------------------------------------------------------------------------------------

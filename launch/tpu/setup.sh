@@ -6,10 +6,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<HELP
-Usage: launch/tpu/setup.sh --name NAME --zone ZONE [--repo URL [--ref REF]]
+Usage: launch/tpu/setup.sh --name NAME --zone ZONE [--repo URL [--ref REF]] [--weights gs://...]
 
-Puts the project in ~/$REMOTE_SRC on every worker (by default a copy of this working tree, less
-.git and virtual environments; with --repo a git clone), makes ~/$REMOTE_VENV with Python
+Puts the project in ~/$REMOTE_SRC on every worker (by default the files of this working tree that
+git lists, tracked or new and not ignored; with --repo a git clone), makes ~/$REMOTE_VENV with Python
 $PYTHON_VERSION (uv $UV_VERSION fetches it) and installs requirements.txt, requirements-gcs.txt
 (gs:// support), jax[tpu] of the version requirements.txt pins, and the project itself (-e .).
 Safe to run again after code changes.
