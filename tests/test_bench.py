@@ -8,7 +8,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bench import aot_memory, common, sampling, sampling_vs_pytorch, train_step, vs_pytorch
+from bench import (
+    aot_memory,
+    common,
+    eval_memory,
+    sampling,
+    sampling_vs_pytorch,
+    train_step,
+    vs_pytorch,
+)
 from configs import demo
 from tests.tiny import RESOLUTION, TINY_CAT
 
@@ -61,6 +69,14 @@ def test_sampling_bench(capsys):
     assert {"compile_s", "latency_s", "images_per_s", "unet_cfg_step_ms"} <= set(
         record["batches"]["2"]
     )
+
+
+def test_eval_memory_bench(capsys):
+    config = tiny_config()  # with the real CLIP vocabulary: evaluate tokenizes real prompts
+    config.model.clip_text.vocab_size, config.model.clip_text.eos_token_id = 49408, 49407
+    eval_memory.run(config, nums=[3], resolution=RESOLUTION, batch_size=2)
+    record = json_line(capsys.readouterr().out)
+    assert record["benchmark"] == "eval_memory" and record["runs"]["3"]["peak_mib"] > 0
 
 
 def test_vs_pytorch_bench(capsys):
