@@ -56,7 +56,7 @@ def per_stage(data: list[dict], config: pipeline.PipelineConfig) -> dict[str, fl
         t0 = time.perf_counter()
         image = records.decode_image(record["image"])
         t1 = time.perf_counter()
-        mask = records.decode_mask(record["mask"], image.size)
+        mask = records.decode_mask(record["mask"])  # at its own size, as the pipeline
         t2 = time.perf_counter()
         geometry.prepare_example(image, mask, record["box"], config.sizes, rng)
         t3 = time.perf_counter()

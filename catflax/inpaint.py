@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -199,17 +200,19 @@ def read_jobs(path: str, out_dir: str, seed: int) -> list[Job]:
     explicit: dict[str, int] = {}  # an "out" a line asks for is kept as it is, and only once
     for n, entry in entries:
         if out := entry.get("out"):
-            if out in explicit:
-                raise ValueError(f'{path}:{n}: "out": {out!r} is line {explicit[out]}\'s too')
-            explicit[out] = n
+            if (same := os.path.normpath(out)) in explicit:
+                raise ValueError(f'{path}:{n}: "out": {out!r} is line {explicit[same]}\'s too')
+            explicit[same] = n
     jobs, names = [], set(explicit)
     for i, (n, entry) in enumerate(entries):
         image, mask = (os.path.join(base, entry[k]) for k in ("image", "mask"))
         out = entry.get("out")
         if not out:  # the image's name as .png; two lines on one image keep both results
-            out = os.path.splitext(os.path.basename(image))[0] + ".png"
-            if out in names:
-                out = f"{os.path.splitext(out)[0]}_{n}.png"
+            stem = os.path.splitext(os.path.basename(image))[0]
+            candidates = (f"{stem}_{n}{f'_{k}' if k else ''}.png" for k in itertools.count())
+            out = f"{stem}.png"
+            while out in names:  # never a name another line asked for
+                out = next(candidates)
             names.add(out)
         jobs.append(Job(image, mask, entry["prompt"], os.path.join(out_dir, out), seed + i))
     if not jobs:

@@ -225,12 +225,16 @@ def test_malformed_weight_files_are_named(tmp_path):
     (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": 3}}')
     with pytest.raises(WeightFileError, match="weight_map is not a {key: file name} mapping"):
         io.read_state_dict(str(folder))
-    # A safetensors variant comes before a plain pickle, also when pickles are allowed.
+    # As diffusers: a plain file before a variant (the pickle only when allowed), and no error
+    # about several variants when a plain file is there.
     os.remove(folder / "model.safetensors.index.json")
     torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
-    write_safetensors(str(folder / "model.fp16.safetensors"), {"w": np.ones(2, np.float16)})
+    for name in ("model.fp16.safetensors", "model.ema.safetensors"):
+        write_safetensors(str(folder / name), {"w": np.ones(2, np.float16)})
     files = io.find_weight_file(str(folder), allow_pickle=True)
-    assert [os.path.basename(f) for f in files] == ["model.fp16.safetensors"]
+    assert [os.path.basename(f) for f in files] == ["pytorch_model.bin"]
+    with pytest.raises(WeightFileError, match=r"the variants \['ema', 'fp16'\]"):
+        io.find_weight_file(str(folder))
 
 
 def test_full_size_presets_have_vit_l14_parameter_counts():

@@ -209,6 +209,11 @@ def test_compute_metrics_runs_every_metric(tiny_clip, tmp_path):
         inception=net, clip=scorer, batch_size=2,
     )  # fmt: skip
     assert on_disk[0] == summary and reads and max(reads) <= 2
+    as_iterators = suite.compute_metrics(
+        iter(generated), iter(originals), iter(masks), PROMPTS[:3], inception=net, clip=scorer,
+        batch_size=2,
+    )  # fmt: skip
+    assert as_iterators[0] == summary
     for name, values in per_example.items():
         np.testing.assert_array_equal(on_disk[1][name], values)
     # One image: no covariance, so FID and CLIP-FD are NaN; the rest is computed.

@@ -93,12 +93,6 @@ class CocoInpaint(_ReportingBuilder):
 class OpenimagesInpaint(_ReportingBuilder):
     """OpenImages V6 segmentation masks for object inpainting: one example per mask."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
-        "1.0.0": "First release.",
-        "1.1.0": "Masks stored at their own resolution (1.0.0 upsampled them to the image's).",
-    }
-
     HOMEPAGE = "https://storage.googleapis.com/openimages/web/index.html"
     MANUAL_DOWNLOAD_INSTRUCTIONS = openimages.__doc__
     BUILDER_CONFIGS = [  # noqa: RUF012 (TFDS class attribute)

@@ -18,7 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from catflax.metrics.features import map_batches
-from catflax.metrics.image_sets import LazyMap
+from catflax.metrics.image_sets import LazyMap, as_sequence
 from catflax.models.clip import CLIPTextModel, CLIPVisionModel
 from catflax.models.rngs import abstract_module
 from catflax.preprocess import clip_normalize, resize_center_crop
@@ -188,7 +188,7 @@ class CLIPScorer:
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Projected image embeddings (N, P), not normalised, of uint8 RGB images (any sizes),
         preprocessed one batch at a time."""
-        return map_batches(self.model, _embed_image, images, self.batch_size,
+        return map_batches(self.model, _embed_image, as_sequence(images), self.batch_size,
                            prepare=self.preprocess)  # fmt: skip
 
     def scores(
@@ -201,6 +201,8 @@ class CLIPScorer:
         """Per example (N,): `clip_score` of prompt vs whole image and, with masks, `clip_score_
         crop` of prompt vs the square crop around the mask (NaN where a mask is empty).
         `image_embeddings`: `embed_images(images)` where already computed."""
+        images = as_sequence(images)
+        masks = None if masks is None else as_sequence(masks)
         if len(prompts) != len(images) or (masks is not None and len(masks) != len(images)):
             raise ValueError(
                 f"need one prompt and one mask per image: {len(prompts)} prompts, {len(images)} "

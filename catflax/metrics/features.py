@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from catflax.metrics.image_sets import shapes_of
+from catflax.metrics.image_sets import as_sequence, shapes_of
 from catflax.metrics.inception import InceptionV3, resize_bilinear
 
 
@@ -87,6 +87,7 @@ def inception_features(
             raise ValueError(f"images must be (N,H,W,3) RGB, got shape {images.shape}")
         prepare = _as_unit_float
     else:
+        images = as_sequence(images)
         shapes = shapes_of(images)
         bad = [s for s in shapes if len(s) != 3 or s[-1] != 3]
         if bad:

@@ -7,7 +7,7 @@ these sequences keep the memory of an evaluation bounded by one batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -62,3 +62,8 @@ def shapes_of(images: Sequence) -> set[tuple[int, ...]]:
     if isinstance(images, ImageFiles):
         return images.shapes()
     return {np.shape(image) for image in images}
+
+
+def as_sequence(images: Iterable) -> Sequence | np.ndarray:
+    """`images` itself when it can be sliced (arrays, lists, ImageFiles), else a list of it."""
+    return images if isinstance(images, Sequence | np.ndarray) else list(images)

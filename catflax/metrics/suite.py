@@ -9,6 +9,7 @@ import numpy as np
 from catflax.metrics import distances, preservation
 from catflax.metrics.clip_score import CLIPScorer
 from catflax.metrics.features import inception_features
+from catflax.metrics.image_sets import as_sequence
 from catflax.metrics.inception import InceptionV3
 
 
@@ -38,6 +39,7 @@ def compute_metrics(
     when either set has fewer than 2 images. Images are read and converted one batch at a
     time: any Sequence works, e.g. `image_sets.ImageFiles` for sets kept on disk.
     """
+    generated, originals, masks = map(as_sequence, (generated, originals, masks))
     n = len(generated)
     if not (len(originals) == len(masks) == len(prompts) == n):
         raise ValueError(
@@ -46,7 +48,7 @@ def compute_metrics(
         )
     if n == 0:
         raise ValueError("compute_metrics: no generated images")
-    reference = originals if reference is None else reference
+    reference = originals if reference is None else as_sequence(reference)
     chunks = []  # preservation a batch at a time: no stacked copy of the whole set
     for i in range(0, n, batch_size):
         part = slice(i, i + batch_size)

@@ -391,7 +391,7 @@ class UNet(nnx.Module):
         """
         import os
 
-        from catflax.weights import diffusers_format, ldm
+        from catflax.weights import diffusers_format, io, ldm
 
         kw = dict(allow_pickle=allow_pickle, init_missing_adapter=init_missing_adapter,
                   seed=seed, place=place)  # fmt: skip
@@ -401,17 +401,10 @@ class UNet(nnx.Module):
                 path, **kw, variant=variant, **{**fields, **overrides}
             )
         else:
-            _no_variant(path, variant)
+            io.check_no_variant(path, variant)
             cfg = dataclasses.replace(config or CAT_UNET, **overrides)
             model, report = ldm.load_unet(path, cfg, **kw)
         return (model, report) if output_loading_info else model
-
-
-def _no_variant(path: str, variant: str | None) -> None:
-    if variant:
-        raise ValueError(
-            f"{path}: variant={variant!r} picks files in a model directory; a single file has none"
-        )
 
 
 def _load_error(source: str, note: str, **keys):

@@ -263,8 +263,7 @@ class AutoencoderKL(nnx.Module):
         file (`first_stage_model.*`, or a bare VAE file); see `UNet.from_pretrained`."""
         import os
 
-        from catflax.models.unet import _no_variant
-        from catflax.weights import diffusers_format, ldm
+        from catflax.weights import diffusers_format, io, ldm
 
         if os.path.isdir(path):  # a given `config` must agree with config.json
             fields = {**(dataclasses.asdict(config) if config else {}), **overrides}
@@ -272,7 +271,7 @@ class AutoencoderKL(nnx.Module):
                 path, allow_pickle=allow_pickle, place=place, variant=variant, **fields
             )
         else:
-            _no_variant(path, variant)
+            io.check_no_variant(path, variant)
             cfg = dataclasses.replace(config or SD15_VAE, **overrides)
             model, report = ldm.load_vae(path, cfg, allow_pickle=allow_pickle, place=place)
         return (model, report) if output_loading_info else model

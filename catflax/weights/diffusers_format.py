@@ -15,7 +15,7 @@ from catflax.models.vae import AutoencoderKL, VAEConfig
 from catflax.weights import io
 
 # Fields our configs take from diffusers' config.json; the rest are run-time choices.
-_RUNTIME_FIELDS = (
+RUNTIME_FIELDS = (
     "dtype", "param_dtype", "attention", "remat", "remat_policy", "ref_adapter", "ref_dim"
 )  # fmt: skip
 
@@ -99,7 +99,7 @@ def _apply_overrides(cfg, overrides: dict, source: str):
             f"{source}: unknown option(s) {unknown} for {type(cfg).__name__}; it takes {fields}"
         )
     for field, value in overrides.items():
-        if field not in _RUNTIME_FIELDS and getattr(cfg, field) != value:
+        if field not in RUNTIME_FIELDS and getattr(cfg, field) != value:
             raise io.WeightFileError(
                 f"{source}: {field} is {getattr(cfg, field)!r} in the file, but {value!r} was "
                 "asked for"

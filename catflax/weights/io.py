@@ -195,11 +195,22 @@ def _index_of(shards: list[str]) -> str | None:
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         is_index = name.endswith(".json") and bool(_VARIANT_FILE.fullmatch(name))
-        if (name in SAFETENSORS_INDEX_NAMES or is_index) and set(
-            read_weight_map(path).values()
-        ) == names:
-            return path
+        if not (name in SAFETENSORS_INDEX_NAMES or is_index):
+            continue
+        try:
+            if set(read_weight_map(path).values()) == names:
+                return path
+        except WeightFileError:
+            continue  # another variant's index, not this load's
     return None
+
+
+def check_no_variant(path: str, variant: str | None) -> None:
+    """A `variant` names files in a model directory: refused for a single file."""
+    if variant:
+        raise ValueError(
+            f"{path}: variant={variant!r} picks files in a model directory; a single file has none"
+        )
 
 
 def _check_shards(shards: list[str], keys_per_shard: list[set[str]]) -> None:
@@ -233,9 +244,9 @@ def find_weight_file(
 ) -> list[str]:
     """The weight files of a model directory: one safetensors file, a sharded set, or a pickle.
 
-    `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`. Without one: the plain
-    safetensors files, else those of the one safetensors variant the directory has (several:
-    an error naming them), else a plain pickle (with allow_pickle)."""
+    `variant` picks e.g. `diffusion_pytorch_model.fp16.safetensors`. Without one, as diffusers:
+    the plain safetensors files, else a plain pickle (with allow_pickle), else the files of
+    the one variant the directory has (several: an error naming them)."""
     singles, indexes, pickles = _variant_names(variant)
     found = _safetensors_files(directory, singles, indexes)
     if found:
@@ -249,11 +260,9 @@ def find_weight_file(
             )
         return find_weight_file(directory, allow_pickle, variants[0]) if variants else None
 
-    if not variant and (found := one_variant(weight_variants(directory))):
-        return found  # a safetensors variant comes before any pickle
-    plain_pickle = any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
-    pickled_variant = not variant and allow_pickle and not plain_pickle
-    if pickled_variant and (found := one_variant(weight_variants(directory, pickles=True))):
+    plain_pickle = allow_pickle and any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
+    look_for_variants = not variant and not plain_pickle
+    if look_for_variants and (found := one_variant(weight_variants(directory, allow_pickle))):
         return found
     for name in pickles:
         path = os.path.join(directory, name)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from catflax.models.cat import CATConfig, ConfigError
 from catflax.weights import io
+from catflax.weights.diffusers_format import RUNTIME_FIELDS
 
 
 def _placer(shardings, part: str):
@@ -23,7 +24,7 @@ def _params(model) -> nnx.State:
 
 # Config fields that are run-time choices, not sizes; eos_token_id: transformers' legacy CLIP
 # configs say 2 (pool at the largest id), the same position as 49407 with the CLIP vocabulary.
-_NOT_SIZES = {"dtype", "param_dtype", "attention", "remat", "remat_policy", "eos_token_id"}
+_NOT_SIZES = {*RUNTIME_FIELDS, "eos_token_id"}
 
 
 def _check_tower_sizes(folder: str, part: str, wanted, found) -> None:

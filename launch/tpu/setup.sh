@@ -41,9 +41,12 @@ else
   tarball="${TMPDIR:-/tmp}/catflax-src-$OPT_name.tar.gz"
   if git -C "$CATFLAX_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     # The project's files, tracked or new, that git does not ignore: no workdirs, weights, logs
-    # or virtual environments kept in the tree (tracked files deleted since: a warning).
+    # or virtual environments kept in the tree.
     list=(git -C "$CATFLAX_ROOT" ls-files -z --cached --others --exclude-standard)
-    pack=(tar --null --ignore-failed-read -czf "$tarball" -C "$CATFLAX_ROOT" -T -)
+    # GNU tar skips tracked files deleted since (with a warning); bsdtar (macOS) has no such flag
+    skip_missing=()
+    if tar --version 2>/dev/null | grep GNU >/dev/null; then skip_missing=(--ignore-failed-read); fi
+    pack=(tar --null "${skip_missing[@]}" -czf "$tarball" -C "$CATFLAX_ROOT" -T -)
     if ((DRY_RUN)); then
       printf '%s | %s\n' "$(command_line "${list[@]}")" "$(command_line "${pack[@]}")"
     else
