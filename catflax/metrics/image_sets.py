@@ -13,35 +13,6 @@ import numpy as np
 from PIL import Image
 
 
-class ImageFiles(Sequence):
-    """Images decoded from `paths` when indexed (`mode`: PIL mode, "RGB" or "L" for masks); a
-    slice gives a list of arrays."""
-
-    def __init__(self, paths: Sequence[str], mode: str = "RGB"):
-        self.paths, self.mode = list(paths), mode
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self._read(p) for p in self.paths[index]]
-        return self._read(self.paths[index])
-
-    def _read(self, path: str) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(self.mode))
-
-    def shapes(self) -> set[tuple[int, ...]]:
-        """The set of array shapes, from the files' headers (nothing decoded)."""
-        channels = () if self.mode == "L" else (len(self.mode),)
-        out = set()
-        for path in self.paths:
-            with Image.open(path) as image:
-                out.add((image.size[1], image.size[0], *channels))
-        return out
-
-
 class LazyMap(Sequence):
     """`fn(i)` for each i in `indices`, computed when indexed (a slice gives a list)."""
 
@@ -55,6 +26,28 @@ class LazyMap(Sequence):
         if isinstance(index, slice):
             return [self.fn(i) for i in self.indices[index]]
         return self.fn(self.indices[index])
+
+
+class ImageFiles(LazyMap):
+    """Images decoded from `paths` when indexed (`mode`: PIL mode, "RGB" or "L" for masks); a
+    slice gives a list of arrays."""
+
+    def __init__(self, paths: Sequence[str], mode: str = "RGB"):
+        self.paths, self.mode = list(paths), mode
+        super().__init__(self._read, range(len(self.paths)))
+
+    def _read(self, index: int) -> np.ndarray:
+        with Image.open(self.paths[index]) as image:
+            return np.asarray(image.convert(self.mode))
+
+    def shapes(self) -> set[tuple[int, ...]]:
+        """The set of array shapes, from the files' headers (nothing decoded)."""
+        channels = () if self.mode == "L" else (len(self.mode),)
+        out = set()
+        for path in self.paths:
+            with Image.open(path) as image:
+                out.add((image.size[1], image.size[0], *channels))
+        return out
 
 
 def shapes_of(images: Sequence) -> set[tuple[int, ...]]:
