@@ -340,8 +340,9 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
     if pipeline is None:
         from catflax.pipeline import CATPipeline
 
+        towers = None if os.path.isdir(opts.weights) else opts.clip  # --clip: metrics, too
         pipeline = CATPipeline.from_pretrained(
-            opts.weights, clip_path=opts.clip, dtype=opts.dtype, resolution=opts.resolution,
+            opts.weights, clip_path=towers, dtype=opts.dtype, resolution=opts.resolution,
             allow_pickle=opts.allow_pickle,
         )  # fmt: skip
     # Metric models first, so that a bad path fails before the generation.
