@@ -222,8 +222,11 @@ def _children() -> set[int]:
     """Process ids of this process's children (Linux /proc)."""
     pids = set()
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids.update(int(p) for p in f.read().split())
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return pids
 
 
