@@ -164,13 +164,22 @@ def shard_of_keys(directory: str) -> dict[str, str]:
     if not os.path.isdir(directory):
         return {}
     found: dict[str, str] = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json") and ".safetensors.index" in name:
-            try:
-                found.update(read_weight_map(os.path.join(directory, name)))
-            except (WeightFileError, OSError):
-                continue  # only used to annotate an error already being raised
+    for path in _index_files(directory):
+        try:
+            found.update(read_weight_map(path))
+        except (WeightFileError, OSError):
+            continue  # only used to annotate an error already being raised
     return found
+
+
+def _index_files(folder: str) -> list[str]:
+    """The sharded-checkpoint indexes in `folder`, plain and of every variant."""
+    return [
+        os.path.join(folder, name)
+        for name in sorted(os.listdir(folder))
+        if name in SAFETENSORS_INDEX_NAMES
+        or (name.endswith(".json") and _VARIANT_FILE.fullmatch(name))
+    ]
 
 
 def _safetensors_files(directory: str, singles: list[str], indexes: list[str]) -> list[str]:
@@ -190,13 +199,8 @@ def _safetensors_files(directory: str, singles: list[str], indexes: list[str]) -
 
 def _index_of(shards: list[str]) -> str | None:
     """The index file (in the shards' folder) that lists exactly these shards."""
-    folder = os.path.dirname(shards[0])
     names = {os.path.basename(f) for f in shards}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        is_index = name.endswith(".json") and bool(_VARIANT_FILE.fullmatch(name))
-        if not (name in SAFETENSORS_INDEX_NAMES or is_index):
-            continue
+    for path in _index_files(os.path.dirname(shards[0])):
         try:
             if set(read_weight_map(path).values()) == names:
                 return path
@@ -251,19 +255,16 @@ def find_weight_file(
     found = _safetensors_files(directory, singles, indexes)
     if found:
         return found
-
-    def one_variant(variants: list[str]) -> list[str] | None:
-        if len(variants) > 1:
+    plain_pickle = allow_pickle and any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
+    if not variant and not plain_pickle:
+        variants = weight_variants(directory, pickles=allow_pickle)
+        if len(variants) == 1:
+            return find_weight_file(directory, allow_pickle, variants[0])
+        if variants:
             raise WeightFileError(
                 f"{directory}: no plain weight file but the variants {variants}; pick one "
                 "with variant=NAME (the models' from_pretrained, io.read_state_dict), or keep one"
             )
-        return find_weight_file(directory, allow_pickle, variants[0]) if variants else None
-
-    plain_pickle = allow_pickle and any(os.path.isfile(os.path.join(directory, p)) for p in pickles)
-    look_for_variants = not variant and not plain_pickle
-    if look_for_variants and (found := one_variant(weight_variants(directory, allow_pickle))):
-        return found
     for name in pickles:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
