@@ -96,6 +96,19 @@ def _generate(graphdef, state, inputs, guidance_scale, eta, *, num_steps, stocha
 # ---------------------------------------------------------------------------------------------
 
 
+def check_resolution(cfg: CATConfig, resolution: int) -> None:
+    """Raises ValueError unless `resolution` is a positive multiple of the model's total
+    downsampling (the VAE factor times the UNet's)."""
+    vae_factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    unet_factor = 2 ** (len(cfg.unet.block_out_channels) - 1)
+    step = vae_factor * unet_factor
+    if resolution <= 0 or resolution % step:
+        raise ValueError(
+            f"resolution={resolution} must be a positive multiple of {step} (VAE factor "
+            f"{vae_factor} x UNet downsampling {unet_factor})"
+        )
+
+
 class CATPipeline:
     """Text-guided object inpainting with a CATDiffusion model (SPEC.md §6):
 
@@ -124,15 +137,9 @@ class CATPipeline:
                 f"clip_vision {vision.image_size}px / patch {vision.patch_size} gives a "
                 f"{vision.image_size // vision.patch_size}-patch grid; the inpainter expects {grid}"
             )
+        check_resolution(cfg, self.resolution)
         self.sizes = geometry.Sizes(self.resolution, vision.image_size, grid)
         self.vae_factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
-        unet_factor = 2 ** (len(cfg.unet.block_out_channels) - 1)
-        step = self.vae_factor * unet_factor
-        if self.resolution % step:
-            raise ValueError(
-                f"resolution={self.resolution} must be a multiple of {step} (VAE factor "
-                f"{self.vae_factor} x UNet downsampling {unet_factor})"
-            )
         if len(self.tokenizer) > cfg.clip_text.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens, the CLIP text tower only "
@@ -181,15 +188,17 @@ class CATPipeline:
                 )  # fmt: skip
             meta = pipeline_format.read_config(path)
             cfg = pipeline_format.with_overrides(CATConfig.from_dict(meta["model"]), over)
+            res = resolution or meta["resolution"]
+            check_resolution(cfg, res)
             model = pipeline_format.load_directory(path, cfg)
             tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
-            res = resolution or meta["resolution"]
             where = f"{os.path.join(path, 'config.json')}: sampling"
             sampling = sampling_config(meta.get("sampling") or {}, where)
             return cls(model, tokenizer, resolution=res, sampling=sampling)
         if config is not None and not isinstance(config, CATConfig):
             config = CATConfig.from_dict(config)
         cfg = pipeline_format.with_overrides(config or CATConfig(), over)
+        check_resolution(cfg, resolution or 512)
         state = io.read_state_dict(path, allow_pickle=allow_pickle)
         model = _load_checkpoint(path, state, cfg, clip_path, over, allow_pickle)
         tokenizer = load_tokenizer(_tokenizer_dir(clip_path))

@@ -470,6 +470,23 @@ def test_bad_weights_are_named(tmp_path):
         CATPipeline.from_pretrained(path)
 
 
+def test_bad_resolution_is_refused_before_the_weights_load(saved, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the resolution was checked")
+
+    monkeypatch.setattr(pipeline_format, "load_directory", no_loading)
+    monkeypatch.setattr(io, "read_state_dict", no_loading)
+    step = 2 ** (len(CFG.vae.block_out_channels) - 1 + len(CFG.unet.block_out_channels) - 1)
+    for bad in (RES + step // 2, -RES):
+        message = f"resolution={bad} must be a positive multiple of {step}"
+        with pytest.raises(ValueError, match=message):
+            CATPipeline.from_pretrained(saved, resolution=bad)
+        checkpoint = tmp_path / "cat.safetensors"
+        checkpoint.write_bytes(b"")  # never read
+        with pytest.raises(ValueError, match=message):
+            CATPipeline.from_pretrained(str(checkpoint), config=CFG, resolution=bad)
+
+
 def test_package_import_does_not_import_jax():
     code = "import sys, catflax; assert 'jax' not in sys.modules; catflax.CATPipeline"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
