@@ -118,6 +118,12 @@ def test_sharded_files_errors_name_the_shard(tmp_path):
     write_safetensors(str(path / shard), state)
     with pytest.raises(WeightLoadError, match=rf"fc1\.weight: \(5, 32\) vs \(37, 32\) \[{shard}\]"):
         clip.CLIPTextModel.from_pretrained(str(path))
+    # With an fp16 variant's shards beside them, the error cannot tell which index was read.
+    text.save_pretrained(str(path), max_shard_size="20KB", variant="fp16")
+    half = json.loads((path / "model.safetensors.index.fp16.json").read_text())["weight_map"][key]
+    assert half != shard and (path / shard).is_file()
+    with pytest.raises(WeightLoadError, match=rf"\(37, 32\) \[{shard} or {half}\]"):
+        clip.CLIPTextModel.from_pretrained(str(path))
 
     other = next(s for s in sorted(set(index["weight_map"].values())) if s != shard)
     stale = {**index, "weight_map": {**index["weight_map"], key: other}}

@@ -160,16 +160,19 @@ def read_weight_map(index_path: str) -> dict[str, str]:
 
 def shard_of_keys(directory: str) -> dict[str, str]:
     """{key: shard file name} from the sharded-checkpoint indexes in `directory` (empty when it
-    holds none): lets a load error name the shard a bad key came from."""
+    holds none): lets a load error name the shard a bad key came from. A key that several
+    indexes (plain and variants) place in different shards gets "a or b"."""
     if not os.path.isdir(directory):
         return {}
-    found: dict[str, str] = {}
+    found: dict[str, set[str]] = {}
     for path in _index_files(directory):
         try:
-            found.update(read_weight_map(path))
+            weight_map = read_weight_map(path)
         except (WeightFileError, OSError):
             continue  # only used to annotate an error already being raised
-    return found
+        for key, shard in weight_map.items():
+            found.setdefault(key, set()).add(shard)
+    return {key: " or ".join(sorted(shards)) for key, shards in found.items()}
 
 
 def _index_files(folder: str) -> list[str]:
