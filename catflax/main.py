@@ -51,6 +51,11 @@ def check_config(config) -> None:
         value = config.train[name]
         if value < 1:  # keep_checkpoints=0 would have orbax delete every checkpoint it saves
             raise ConfigError(f"config.train.{name}={value} must be at least 1")
+    group, batch = config.train.get("loss_group_size", 0), config.train.batch_size
+    if group < 0 or (group and batch % group):
+        raise ConfigError(
+            f"config.train.loss_group_size={group} must be 0 or divide train.batch_size={batch}"
+        )
     try:
         rules = sharding.normalize_rules(dict(config.sharding_rules))
     except ValueError as e:

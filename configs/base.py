@@ -91,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128  # global batch (reference: 16 per GPU x 8 GPUs)
     config.train.cond_dropout = 0.1  # p of dropping prompt and tokens for the whole batch
+    # Examples per reference GPU (16 to reproduce its 8-GPU run): conditioning dropout drawn and
+    # the distillation loss normalised per group of this many; 0: the whole global batch.
+    config.train.loss_group_size = 0
     config.train.ema_decay = 0.0  # EMA of trained parameters; 0 = off
     config.train.export_ema = False  # hand the EMA (not the raw parameters) to the next stage
     config.train.log_every = 50  # steps between metric lines / TensorBoard points

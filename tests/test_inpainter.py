@@ -287,6 +287,33 @@ def test_distillation_loss_matches_reference_formula():
         np.testing.assert_allclose(parts["global_loss"], glob.item(), rtol=1e-5)
 
 
+def test_distillation_loss_per_group_is_the_mean_of_group_losses():
+    """`group_size`: the reference's per-GPU loss (each GPU's batch normalised by its own masked
+    patches + 1), averaged over the GPUs as DDP averages their gradients."""
+    out, target, pooled, x = distillation_inputs(4)
+    x["mask16"][0] = 0  # an example with no masked patch: groups differ in their denominators
+    for masked_only in (False, True):
+        args = (out, target, pooled, x["mask16"], masked_only)
+        whole, _ = inp.distillation_loss(*args)
+        np.testing.assert_allclose(inp.distillation_loss(*args, group_size=3)[0], whole, rtol=1e-6)
+        one = [slice(i, i + 1) for i in range(3)]
+        per_example = [
+            inp.distillation_loss(
+                inp.InpainterOutput(*(a[i] for a in out)),
+                target[i],
+                pooled[i],
+                x["mask16"][i],
+                masked_only,
+            )[0]
+            for i in one
+        ]
+        grouped, _ = inp.distillation_loss(*args, group_size=1)
+        np.testing.assert_allclose(grouped, np.mean(per_example), rtol=1e-6)
+        assert abs(float(grouped) - float(whole)) > 1e-3
+    with pytest.raises(ValueError, match="group_size=2 does not divide the batch of 3"):
+        inp.distillation_loss(out, target, pooled, x["mask16"], group_size=2)
+
+
 def test_strict_loading_errors():
     torch_model = make_torch_model(TINY)
     state = checkpoint_state(torch_model)

@@ -158,3 +158,58 @@ def test_tiny_model_overfits_one_batch():
         losses.append(float(metrics["loss"]))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last <= 0.5 * first, (first, last, losses)
+
+
+class _RecordingModel:
+    """Stands in for CATDiffusion in `denoise_loss`: records the prompt ids and semantic tokens
+    the UNet would see (the dropout logic is what is under test, not the model)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def encode_latents(self, images, key):
+        return jnp.zeros((self.batch, 2, 2, 4))
+
+    def encode_text(self, ids):
+        self.ids = ids
+        return jnp.zeros((self.batch, ids.shape[1], 8)), jnp.zeros((self.batch, 8))
+
+    def semantic_tokens(self, mode, batch, label):
+        return jnp.ones((self.batch, 4, 8))
+
+    def predict_noise(self, noisy, t, mask, masked_latents, context, tokens):
+        self.tokens = tokens
+        return noisy
+
+
+@pytest.mark.parametrize("group_size", [0, 1, 4])
+def test_conditioning_dropout_whole_batch_or_per_group(group_size):
+    """SPEC.md: one draw for the whole batch; `group_size` (the reference's per-GPU draws): one
+    draw per group. A dropped example sees the empty prompt and zero tokens, the rest their own."""
+    from catflax.train.steps import denoise_loss
+
+    B = 8
+    ids = np.arange(1, B * 5 + 1, dtype=np.int32).reshape(B, 5)
+    batch = dict(input_ids=jnp.asarray(ids), empty_ids=jnp.zeros((B, 5), jnp.int32),
+                 image512=None, masked512=None, mask64=None)  # fmt: skip
+    cfg = StepConfig(kind="denoise", tokens="inpainter", cond_dropout=0.5, group_size=group_size)
+    patterns = set()
+    for seed in range(24):
+        model = _RecordingModel(B)
+        _, aux = denoise_loss(model, batch, cfg, jax.random.key(seed))
+        dropped = np.all(np.asarray(model.ids) == 0, axis=1)
+        kept = np.all(np.asarray(model.ids) == ids, axis=1)
+        assert np.all(dropped | kept)
+        np.testing.assert_array_equal(np.all(np.asarray(model.tokens) == 0, axis=(1, 2)), dropped)
+        np.testing.assert_allclose(aux["cond_dropped"], dropped.mean())
+        groups = dropped.reshape(-1, group_size or B)
+        assert np.all(groups == groups[:, :1])  # a group drops together
+        patterns.add(tuple(groups[:, 0]))
+    # 24 draws at p=0.5: both outcomes for the whole batch; groups that differ in a batch.
+    if group_size == 0:
+        assert patterns == {(True,), (False,)}
+    else:
+        assert any(len(set(p)) == 2 for p in patterns), patterns
+    with pytest.raises(ValueError, match="group_size=3 does not divide the batch of 8"):
+        denoise_loss(_RecordingModel(B), batch, dataclasses.replace(cfg, group_size=3),
+                     jax.random.key(0))  # fmt: skip

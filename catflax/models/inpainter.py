@@ -266,10 +266,13 @@ def distillation_loss(
     mask16_BGG: jax.Array,
     masked_only: bool = False,
     weights_B: jax.Array | None = None,
+    group_size: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Stage 1a loss (SPEC.md §5): spatial + global. The reference's spatial numerator sums every
     patch (default); `masked_only=True` sums only masked patches, as the paper describes.
-    `weights_B` (validation: 0 for padding) weights each example; all ones is the plain loss."""
+    `weights_B` (validation: 0 for padding) weights each example; all ones is the plain loss.
+    `group_size` > 0 computes the loss per group of that many examples and averages the groups,
+    as the reference's data-parallel GPUs did (each normalised by its own masked patches)."""
     target_BPD = clip_unmasked_BLD[:, 1:].astype(jnp.float32)
     mask_BP = (mask16_BGG != 0).reshape(target_BPD.shape[:2]).astype(jnp.float32)
     per_patch_BP = jnp.mean((out.pred_spatial.astype(jnp.float32) - target_BPD) ** 2, axis=-1)
@@ -279,9 +282,24 @@ def distillation_loss(
         w_B = weights_B.astype(jnp.float32)
         mask_BP, per_patch_BP = w_B[:, None] * mask_BP, w_B[:, None] * per_patch_BP
         per_example_B = w_B * per_example_B
-    count = per_example_B.shape[0] if weights_B is None else jnp.maximum(w_B.sum(), 1.0)
     if masked_only:
         per_patch_BP = per_patch_BP * mask_BP
+    if group_size:
+        if weights_B is not None:
+            raise ValueError("distillation_loss: weights_B and group_size do not combine")
+        groups = split_groups(per_example_B.shape[0], group_size)
+        per_patch_GP = per_patch_BP.reshape(groups, -1)
+        spatial = jnp.mean(per_patch_GP.sum(-1) / (mask_BP.reshape(groups, -1).sum(-1) + 1.0))
+        glob = jnp.mean(per_example_B)
+        return spatial + glob, {"spatial_loss": spatial, "global_loss": glob}
+    count = per_example_B.shape[0] if weights_B is None else jnp.maximum(w_B.sum(), 1.0)
     spatial = per_patch_BP.sum() / (mask_BP.sum() + 1.0)
     glob = per_example_B.sum() / count
     return spatial + glob, {"spatial_loss": spatial, "global_loss": glob}
+
+
+def split_groups(batch: int, group_size: int) -> int:
+    """The number of groups of `group_size` examples in a batch of `batch` (which it divides)."""
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch of {batch}")
+    return batch // group_size

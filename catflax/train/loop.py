@@ -156,6 +156,7 @@ def step_config(config, stage: str) -> StepConfig:
     return StepConfig(
         kind=spec.step, tokens=spec.tokens, cond_dropout=config.train.cond_dropout,
         masked_numerator=scfg.get("masked_numerator", False), ema_decay=config.train.ema_decay,
+        group_size=config.train.get("loss_group_size", 0),
     )  # fmt: skip
 
 

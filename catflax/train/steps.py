@@ -48,6 +48,9 @@ class StepConfig:
     tokens: str = "none"  # semantic tokens for the UNet: "teacher" | "inpainter"
     cond_dropout: float = 0.1  # p of dropping prompt and tokens for the whole batch
     masked_numerator: bool = False  # distillation loss on masked patches only (paper variant)
+    # Examples per reference GPU: dropout drawn and the distillation loss normalised per group
+    # of this many examples, as the reference's data-parallel GPUs did; 0: the whole batch.
+    group_size: int = 0
     ema_decay: float = 0.0  # 0 = no EMA
 
 
@@ -71,12 +74,13 @@ def distill_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng, weigh
     out = model.inpainter(masked_last, batch["mask16"], label, masked_pooled)
     return inpainter_lib.distillation_loss(
         out, target_last, target_pooled, batch["mask16"], masked_only=cfg.masked_numerator,
-        weights_B=weights_B,
+        weights_B=weights_B, group_size=0 if weights_B is not None else cfg.group_size,
     )  # fmt: skip
 
 
 def denoise_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
-    """SPEC.md §5 diffusion loss: epsilon MSE with whole-batch conditioning dropout."""
+    """SPEC.md §5 diffusion loss: epsilon MSE with conditioning dropout for the whole batch (or
+    per group of `cfg.group_size` examples)."""
     k_latent, k_masked, k_t, k_noise, k_drop = jax.random.split(rng, 5)
     latents = model.encode_latents(batch["image512"], k_latent)
     masked_latents = model.encode_latents(batch["masked512"], k_masked)
@@ -85,14 +89,15 @@ def denoise_loss(model, batch: dict[str, jax.Array], cfg: StepConfig, rng):
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     noisy = diffusion.q_sample(latents, t, noise)
 
-    drop = jax.random.uniform(k_drop) < cfg.cond_dropout
-    ids = jnp.where(drop, batch["empty_ids"], batch["input_ids"])
+    groups = inpainter_lib.split_groups(B, cfg.group_size) if cfg.group_size else 1
+    drop_B = jnp.repeat(jax.random.uniform(k_drop, (groups,)) < cfg.cond_dropout, B // groups)
+    ids = jnp.where(drop_B[:, None], batch["empty_ids"], batch["input_ids"])
     context, label = model.encode_text(ids)
     tokens = model.semantic_tokens(cfg.tokens, batch, label)
-    tokens = jnp.where(drop, jnp.zeros_like(tokens), tokens)
+    tokens = jnp.where(drop_B[:, None, None], jnp.zeros_like(tokens), tokens)
     eps = model.predict_noise(noisy, t, batch["mask64"], masked_latents, context, tokens)
     loss = diffusion.epsilon_loss(eps, noise)
-    return loss, {"denoise_loss": loss, "cond_dropped": drop.astype(jnp.float32)}
+    return loss, {"denoise_loss": loss, "cond_dropped": jnp.mean(drop_B.astype(jnp.float32))}
 
 
 LOSSES = {"distill": distill_loss, "denoise": denoise_loss}
