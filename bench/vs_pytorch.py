@@ -102,9 +102,12 @@ def variant_config(cfg: CATConfig, variant: str) -> CATConfig:
 
 
 # ============================================================================ same weights
-def shared_weights(cfg: CATConfig, workdir: str, seed: int = 0):
-    """PyTorch models (default init) and ours loaded from them: (TorchModels, CATConfig, params)."""
+def shared_weights(cfg: CATConfig, workdir: str, seed: int = 0, prepare=None):
+    """PyTorch models (default init, then `prepare(models)` if given) and ours loaded from them:
+    (TorchModels, CATConfig, params)."""
     tm = ref.build(cfg, seed)
+    if prepare is not None:
+        prepare(tm)
     for name, module in (("clip_text", tm.text), ("clip_vision", tm.vision), ("vae", tm.vae),
                          ("unet", tm.unet)):  # fmt: skip
         module.save_pretrained(os.path.join(workdir, name))
