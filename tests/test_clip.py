@@ -12,6 +12,7 @@ import transformers
 from catflax.models import clip
 from catflax.weights.convert import WeightLoadError
 from catflax.weights.io import WeightFileError, read_state_dict, write_safetensors
+from tests.torch_utils import perturb_vectors
 
 TINY_CONFIGS = {
     "quick_gelu": dict(
@@ -36,6 +37,7 @@ def save_tiny_clip(tmp_path, name: str, seed: int = 0):
     cfg = TINY_CONFIGS[name]
     config = transformers.CLIPConfig(text_config=cfg["text"], vision_config=cfg["vision"])
     model = transformers.CLIPModel(config).eval()
+    perturb_vectors(model)  # every LayerNorm and bias non-trivial
     path = str(tmp_path / f"clip_{name}")
     model.save_pretrained(path)
     return model, path, cfg

@@ -16,6 +16,7 @@ from catflax.models.unet import CAT_UNET, UNet, UNetConfig
 from catflax.models.vae import SD15_VAE, AutoencoderKL
 from catflax.weights import convert, diffusers_format, ldm
 from catflax.weights.io import WeightFileError, write_safetensors
+from tests.torch_utils import perturb_vectors
 
 TINY_UNET = dict(
     sample_size=16, in_channels=9, out_channels=4, block_out_channels=(32, 64, 64),
@@ -33,13 +34,6 @@ TINY_TEXT = dict(vocab_size=100, hidden_size=24, intermediate_size=32, num_hidde
 TINY_VISION = dict(image_size=28, patch_size=7, hidden_size=20, intermediate_size=32,
                    num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
 REF_DIM = 20  # the semantic tokens' width = the tiny CLIP vision width
-
-
-def perturb_vectors(model: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
 
 
 def diffusers_unet_to_ldm(

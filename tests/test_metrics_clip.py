@@ -9,6 +9,7 @@ from PIL import Image
 from catflax.metrics import clip_score, distances
 from catflax.tokenizer import tokenize
 from catflax.weights.io import WeightFileError
+from tests.torch_utils import perturb_vectors
 
 # The real CLIP vocabulary (so prompts go through our tokenizer), tiny widths.
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -24,6 +25,8 @@ def tiny_clip(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)
     model = transformers.CLIPModel(config).eval()
+    torch.manual_seed(5)  # (a draw whose scores fall on both sides of the clamp at 0)
+    perturb_vectors(model)  # every LayerNorm and bias non-trivial
     path = str(tmp_path_factory.mktemp("clip") / "clip")
     model.save_pretrained(path)
     return model, path

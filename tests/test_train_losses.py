@@ -14,8 +14,8 @@ from bench.vs_pytorch import graphdef_for, shared_weights
 from catflax.train import stages
 from catflax.train.steps import LOSSES, StepConfig
 from catflax.weights import convert
-from tests.test_unet import perturb_vectors
 from tests.tiny import TINY_CAT, random_batch
+from tests.torch_utils import perturb_vectors
 
 B = 4
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

@@ -26,6 +26,7 @@ from catflax.models.unet import (
 from catflax.models.vae import SD15_VAE, AutoencoderKL, VAEConfig
 from catflax.weights import convert, diffusers_format
 from catflax.weights.io import WeightFileError, write_safetensors
+from tests.torch_utils import perturb_vectors
 
 TINY = dict(
     sample_size=16, in_channels=9, out_channels=4, block_out_channels=(32, 64, 64),
@@ -52,14 +53,6 @@ SD15_VAE_JSON = {
     "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }  # fmt: skip
-
-
-def perturb_vectors(model: torch.nn.Module) -> None:
-    """Norm weights start at 1 and biases at 0 in PyTorch; randomise them so mix-ups show."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
 
 
 @pytest.fixture(scope="module")
