@@ -162,11 +162,14 @@ def main(argv) -> None:
             config.data.data_dir = generated_data_dir(workdir)
     logging.info("config:\n%s", config)
     from catflax.models.cat import ConfigError
+    from catflax.train.resume_checks import ResumeError
 
     try:
         train_and_evaluate(config, workdir)
     except ConfigError as e:  # a typed module config got a field it does not have
         sys.exit(f"catflax: bad config: {e}")
+    except ResumeError as e:  # the checkpoint on disk does not fit this run
+        sys.exit(f"catflax: {e}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50  # steps between metric lines / TensorBoard points
     config.train.checkpoint_every = 1000  # steps between checkpoints (and at stage end)
     config.train.keep_checkpoints = 2  # checkpoints kept per stage
+    # Resume the data stream where it stopped (needs the same process count and num_workers);
+    # False restores only the model and optimiser and restarts the stream.
+    config.train.restore_data = True
     config.train.sample_every = 0  # steps between sample grids; 0: stage end only; -1: never
     # For MFU: peak FLOP/s per device; 0 = the known bf16 peak of the device kind (H100 989e12,
     # v5e 197e12, v5p 459e12, ...: catflax.train.metrics.PEAK_BF16_FLOPS), else no MFU.

@@ -185,3 +185,48 @@ def test_resume_after_an_interrupted_final_save(tmp_path):
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_resume_refuses_a_changed_state_and_can_restart_the_data(tmp_path):
+    """A checkpoint whose train state or data position does not fit the new config is refused
+    with the field named (not orbax's tree mismatch, nor grain's missing file);
+    `train.restore_data=False` restores the model and optimiser and restarts the stream."""
+    args = [*steps(4, ("1a",)), "--config.train.checkpoint_every=2"]
+    killed = run_main(tmp_path, *args, env=env_for({"CATFLAX_TEST_KILL_AT_STEP": "3"}))
+    assert killed.returncode != 0 and os.path.isdir(tmp_path / "1a" / "checkpoints" / "2")
+    clipped = run_main(tmp_path, *args, "--config.optimizer.grad_clip_norm=1.0")
+    assert clipped.returncode != 0 and "Traceback" not in clipped.stderr
+    assert "catflax: stage 1a: cannot resume: config.optimizer.grad_clip_norm was 0.0 and is " \
+        "1.0 now" in clipped.stderr  # fmt: skip
+    restarted = run_main(tmp_path, *args, "--config.data.num_workers=1",
+                         "--config.train.restore_data=False")  # fmt: skip
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "resumed at step 2" in restarted.stderr and "starts afresh" in restarted.stderr
+    assert losses(tmp_path, "1a")[0][-2:] == [3, 4]
+
+
+def test_resume_checks_name_what_changed():
+    from ml_collections import config_dict
+
+    from catflax.train.resume_checks import ResumeError, check_resumable
+
+    def config(**train):
+        return config_dict.ConfigDict(dict(
+            optimizer=dict(grad_clip_norm=0.0), stage_1a=dict(plateau_every=1000),
+            train=dict(dict(ema_decay=0.0, restore_data=True), **train),
+            data=dict(num_workers=2),
+        ))  # fmt: skip
+
+    saved = json.loads(config().to_json())
+    check_resumable(saved, config(), "1a", ["process_0-of-1.json"])  # the same: fine
+    changed = config()
+    changed.stage_1a.plateau_every, changed.train.ema_decay = 0, 0.999
+    changed.data.num_workers = 4
+    with pytest.raises(ResumeError) as e:
+        check_resumable(saved, changed, "1a", ["process_0-of-1.json"])
+    for part in ("stage_1a.plateau_every was 1000 and is 0", "train.ema_decay was 0.0 and is "
+                 "0.999", "data.num_workers was 2 and is 4"):  # fmt: skip
+        assert part in str(e.value)
+    with pytest.raises(ResumeError, match=r"saved by other processes \(process_0-of-2.json"):
+        check_resumable(saved, config(), "1a", ["process_0-of-2.json", "process_1-of-2.json"])
+    check_resumable(saved, config(restore_data=False), "1a", ["process_0-of-2.json"])

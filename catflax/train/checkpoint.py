@@ -57,6 +57,13 @@ class Checkpointer:
             return None
         return restored["config"]
 
+    def data_files(self, step: int) -> list[str]:
+        """The names of checkpoint `step`'s data-position files (one per process)."""
+        from etils import epath
+
+        folder = epath.Path(self.manager.directory) / str(step) / "data"
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

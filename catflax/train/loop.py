@@ -208,11 +208,22 @@ def run_stage(
     # ---------------------------------------------------------------- data and resume
     data_iter = data_factory(stage)
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    start_step, restored = ckpt.restore(state, data_iter.checkpointable())
+    latest = ckpt.latest_step()
+    restore_data = config.train.get("restore_data", True)
+    if latest is not None:
+        saved = ckpt.saved_config(latest)
+        resume_checks.check_resumable(saved, config, stage, ckpt.data_files(latest))
+        if restore_data:
+            resume_checks.warn_data_changes(saved, config, stage)
+    start_step, restored = ckpt.restore(state, data_iter.checkpointable() if restore_data else None)
     if restored is not None:
         state = restored
         logging.info("stage %s: resumed at step %d", stage, start_step)
-        resume_checks.warn_data_changes(ckpt.saved_config(start_step), config, stage)
+        if not restore_data:
+            logging.warning(
+                "stage %s: train.restore_data=False: the data stream starts afresh (examples "
+                "seen before step %d may come again)", stage, start_step,
+            )  # fmt: skip
     start_step = start_step or 0
     if start_step >= scfg.steps:  # stopped after its last checkpoint, before the final save
         ckpt.close()
