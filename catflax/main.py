@@ -63,6 +63,26 @@ def check_config(config) -> None:
     logging.info("sharding rules: %s", rules)
 
 
+def check_batch_sizes(config, mesh, process_count: int) -> None:
+    """The global training batch, and the validation batch where a stage validates, must split
+    evenly over the mesh's batch axes: refused here, not at the first step or validation."""
+    from catflax import sharding
+    from catflax.models.cat import ConfigError
+
+    shards = 1
+    for axis in sharding.BATCH_AXES:
+        shards *= mesh.shape.get(axis, 1)
+    batches = {"train.batch_size (global)": config.train.batch_size}
+    if any(config[f"stage_{s}"].get("plateau_every", 0) > 0 for s in config.stages):
+        batches["data.eval_batch_size x processes"] = config.data.eval_batch_size * process_count
+    for name, size in batches.items():
+        if size % shards:
+            raise ConfigError(
+                f"config.{name} = {size} does not split over the mesh's {shards} batch shards "
+                f"({' x '.join(sharding.BATCH_AXES)}); make it a multiple of {shards}"
+            )
+
+
 def train_and_evaluate(config, workdir: str) -> None:
     """Runs the configured training stages in order, each resuming where it stopped."""
     import jax
@@ -77,6 +97,7 @@ def train_and_evaluate(config, workdir: str) -> None:
     pretrained.check_training_weights(config.weights)
     mesh = sharding.make_mesh(dict(config.mesh))
     distributed.log_mesh(mesh)
+    check_batch_sizes(config, mesh, jax.process_count())
     if jax.process_index() == 0:  # the run's config, for catflax.export
         from etils import epath
 

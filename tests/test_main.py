@@ -48,6 +48,11 @@ def test_bad_training_settings_are_refused_up_front(tmp_path):
         ("--config.train.keep_checkpoints=0", "config.train.keep_checkpoints=0 must be at least 1"),
         ("--config.sharding_rules.linear_out=fsdp,nope", "['nope'] not mesh axes"),
         ("--config.train.loss_group_size=7", "config.train.loss_group_size=7 must be 0 or divide"),
+        (
+            "--config.train.batch_size=12",
+            "batch_size (global) = 12 does not split over the mesh's 8",
+        ),
+        ("--config.data.eval_batch_size=4", "eval_batch_size x processes = 4 does not split"),
     ):
         result = run_main(tmp_path, override)
         assert result.returncode != 0 and "catflax: bad config" in result.stderr, result.stderr
