@@ -50,7 +50,7 @@ def test_bad_training_settings_are_refused_up_front(tmp_path):
         ("--config.train.loss_group_size=7", "config.train.loss_group_size=7 must be 0 or divide"),
         (
             "--config.train.batch_size=12",
-            "batch_size (global) = 12 does not split over the mesh's 8",
+            "(global) = 12 does not split over the mesh's 8",
         ),
         ("--config.data.eval_batch_size=4", "eval_batch_size x processes = 4 does not split"),
     ):
