@@ -55,3 +55,12 @@ def test_plateau_scale_multiplies_every_update():
     assert float(optim.plateau_state(new_state).scale) == pytest.approx(0.1)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(reduced)):
         np.testing.assert_allclose(b, 0.1 * a, rtol=1e-6)  # AdamW and its weight decay
+
+
+def test_host_learning_rate_equals_the_schedule():
+    """The trainer logs rates computed on the host: they must be the optimiser's own."""
+    for warmup in (0, 1, 7):
+        sched = optim.schedule(3e-4, warmup)
+        for count in (0, 1, 3, 6, 7, 8, 100):
+            expected = float(sched(count))
+            assert optim.learning_rate(3e-4, warmup, count) == pytest.approx(expected, rel=1e-6)

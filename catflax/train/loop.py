@@ -277,6 +277,7 @@ def run_stage(
                 pending = None
                 ckpt.save(step, state, data_iter.checkpointable(), config)
                 writer.flush()
+                last_time = time.time()  # the next step's time leaves out the report and save
             if preempted:
                 ckpt.wait()
                 writer.close()
@@ -290,6 +291,7 @@ def run_stage(
                 write_sample_grid(graphdef, state.params, frozen, config, writer, step,
                                   stage_dir / "samples" / f"{step}.png",
                                   mesh=mesh)  # fmt: skip
+                last_time = time.time()
             if step < scfg.steps:
                 batch = data_iter.next_global(mesh, {PREEMPT_KEY: stop.requested})
     except NonFiniteLossError:
@@ -314,7 +316,9 @@ def run_stage(
 
 def _handed_over(state, config) -> nnx.State:
     """What the next stage and the export get: the parameters, or their EMA if so configured."""
-    return state.params if state.ema is None or not config.train.export_ema else state.ema
+    if state.ema is None or not config.train.export_ema:
+        return state.params
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema, state.params)  # float32 EMA
 
 
 def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[str, float]:
@@ -334,8 +338,8 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[s
     scale = values.get("lr_scale", 1.0)  # reduce-on-plateau's factor
     values.update(
         step_time_s=dt, examples_per_s=global_batch / dt,
-        lr_fast=float(optim.schedule(scfg.lr_fast, scfg.warmup_steps)(step - 1)) * scale,
-        lr_slow=float(optim.schedule(scfg.lr_slow, scfg.warmup_steps)(step - 1)) * scale,
+        lr_fast=optim.learning_rate(scfg.lr_fast, scfg.warmup_steps, step - 1) * scale,
+        lr_slow=optim.learning_rate(scfg.lr_slow, scfg.warmup_steps, step - 1) * scale,
     )  # fmt: skip
     if peak and flops:  # flops and peak are per device
         values["mfu"] = flops / dt / peak

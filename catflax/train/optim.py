@@ -45,6 +45,13 @@ def schedule(peak: float, warmup_steps: int) -> optax.Schedule:
     )
 
 
+def learning_rate(peak: float, warmup_steps: int, count: int) -> float:
+    """`schedule(peak, warmup_steps)` at update `count`, on the host (no device round trip)."""
+    if warmup_steps <= 0:
+        return float(peak)
+    return float(peak) * min(count, warmup_steps) / warmup_steps
+
+
 def param_labels(params: nnx.State) -> nnx.State:
     """A state of the same structure holding each parameter's learning-rate group."""
     return nnx.from_flat_state([(p, lr_group(p)) for p, _ in nnx.to_flat_state(params)])

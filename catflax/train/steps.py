@@ -54,13 +54,21 @@ class StepConfig:
     ema_decay: float = 0.0  # 0 = no EMA
 
 
+def ema_copy(param: jax.Array) -> jax.Array:
+    """A parameter's EMA starts as a float32 copy of it: a bf16 average would barely move
+    (increments of (1 - decay) x the update fall below bf16's resolution)."""
+    if jnp.issubdtype(param.dtype, jnp.floating):
+        return jnp.array(param, dtype=jnp.float32)
+    return jnp.copy(param)
+
+
 def create_state(params: nnx.State, tx: optax.GradientTransformation, rng, ema: bool):
     """A fresh TrainState (unsharded: see `create_sharded_state`)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        ema=jax.tree.map(jnp.copy, params) if ema else None,
+        ema=jax.tree.map(ema_copy, params) if ema else None,
         rng=rng,
     )
 
@@ -126,7 +134,7 @@ def train_step(
     ema = state.ema
     if ema is not None:
         d = cfg.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), ema, params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     if PREEMPT_KEY in batch:  # the max over the global batch: every process sees any notice
         metrics[PREEMPT_KEY] = jnp.max(batch[PREEMPT_KEY])
