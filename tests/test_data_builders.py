@@ -2,7 +2,9 @@
 
 import io
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +163,30 @@ def test_coco_records(coco_built):
     assert len(read_split(data_dir, "coco_inpaint", "validation")) == 1
 
 
+def test_coco_bad_long_caption_lines_are_skipped(coco_source, tmp_path, caplog):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_source[0], root)
+    with open(root / "long_captions_train.jsonl", "wb") as f:
+        f.write(json.dumps({"key": "11", "caption": "a fluffy brown dog"}).encode() + b"\n")
+        f.write(b"{not json\n")  # line 2
+        f.write(b'{"key": "10", "caption": "caf\xe9"}\n')  # line 3: not UTF-8
+        f.write(json.dumps({"caption": "no key"}).encode() + b"\n")  # line 4
+    data_dir = str(tmp_path / "tfds")
+    with caplog.at_level(logging.WARNING):
+        report = prepare.prepare("coco_inpaint", data_dir, str(root))
+    assert report["train"]["written"] == 4
+    assert report["train"]["skipped"]["bad_long_caption"] == 3
+    samples = report["train"]["samples"]["bad_long_caption"]
+    assert [s.split(" ")[0] for s in samples] == [
+        "long_captions_train.jsonl:2", "long_captions_train.jsonl:3", "long_captions_train.jsonl:4"
+    ]  # fmt: skip
+    assert "long_captions_train.jsonl:2" in caplog.text
+    train = read_split(data_dir, "coco_inpaint", "train")
+    assert records.text(train["coco/train2017/000000000001.jpg#11"]["caption"]) == (
+        "a fluffy brown dog"
+    )
+
+
 # ---- OpenImages ----
 
 
@@ -220,6 +246,23 @@ def test_openimages(openimages_source, tmp_path):
     assert records.text(dog["caption"]) == "a small dog sitting"
 
 
+def test_openimages_short_rows_are_skipped(openimages_source, tmp_path, caplog):
+    root = tmp_path / "openimages"
+    shutil.copytree(openimages_source[0], root)
+    with open(root / "train-annotations-object-segmentation.csv", "ab") as f:
+        f.write(b"a_m01_1.png,a,/m/01,9\n")  # line 10: no box columns (its mask and image exist)
+        f.write(b"c\n")  # line 11: one field
+        f.write(b"a_m01_1.png,a,/m/01,10,0.1,0.6,0.1,0.5,0.9,\xff\n")  # line 12: not UTF-8
+    with caplog.at_level(logging.WARNING):
+        report = prepare.prepare("openimages_inpaint", str(tmp_path / "tfds"), str(root))
+    assert report["train"]["written"] == 2
+    assert report["train"]["skipped"]["bad_row"] == 3
+    name = "train-annotations-object-segmentation.csv"
+    samples = report["train"]["samples"]["bad_row"]
+    assert [s.split(" ")[0] for s in samples] == [f"{name}:10", f"{name}:11", f"{name}:12"]
+    assert f"{name}:10" in caplog.text
+
+
 # ---- text-image pairs ----
 
 
@@ -258,10 +301,69 @@ def test_pairs(tmp_path):
     assert prepare.prepare("text_image_pairs", data_dir, str(source)) == report  # reused
 
 
+def pairs_source(root, texts):
+    """A pairs folder with one image per text (distinct example ids)."""
+    os.makedirs(root / "img", exist_ok=True)
+    for i in range(len(texts)):
+        jpeg(root / "img" / f"{i}.jpg", 40, 30, i)
+    lines = [json.dumps({"image": f"img/{i}.jpg", "text": t}) for i, t in enumerate(texts)]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_pairs_undecodable_line_is_skipped(tmp_path, caplog):
+    source = pairs_source(tmp_path / "pairs", ["a sunny beach", "two red chairs"])
+    with open(source / "train.jsonl", "ab") as f:
+        f.write(b'{"image": "img/0.jpg", "text": "caf\xe9"}\n')  # line 3: Latin-1, not UTF-8
+        f.write(json.dumps({"image": "img/0.jpg", "text": "after"}).encode() + b"\n")
+    with caplog.at_level(logging.WARNING):
+        report = prepare.prepare("text_image_pairs", str(tmp_path / "tfds"), str(source))
+    assert report["train"]["written"] == 3
+    assert report["train"]["skipped"] == {"bad_line": 1}
+    assert report["train"]["samples"]["bad_line"][0].startswith("train.jsonl:3 (")
+    assert "train.jsonl:3" in caplog.text
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_built(tmp_path):
+    source = pairs_source(tmp_path / "pairs", ["one", "two"])
+    data_dir = str(tmp_path / "tfds")
+    first = prepare.prepare("text_image_pairs", data_dir, str(source))
+    assert first["train"]["written"] == 2
+    pairs_source(source, ["one", "two", "three"])
+    # without --overwrite a prepared dataset is reused as it is, not rebuilt
+    assert prepare.prepare("text_image_pairs", data_dir, str(source)) == first
+    assert len(read_split(data_dir, "text_image_pairs", "train")) == 2
+    os.remove(source / "train.jsonl")  # the rebuild fails: no split file
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        prepare.prepare("text_image_pairs", data_dir, str(source), overwrite=True)
+    assert len(read_split(data_dir, "text_image_pairs", "train")) == 2  # the old one, intact
+    assert not [n for n in os.listdir(data_dir) if "catflax" in n]  # no staging folder left
+    pairs_source(source, ["one", "two", "three"])
+    again = prepare.prepare("text_image_pairs", data_dir, str(source), overwrite=True)
+    assert again["train"]["written"] == 3
+    assert len(read_split(data_dir, "text_image_pairs", "train")) == 3
+    assert prepare.prepare("text_image_pairs", data_dir, str(source)) == again
+    assert not [n for n in os.listdir(data_dir) if "catflax" in n]
+
+
 def test_missing_source_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
         os.makedirs(tmp_path / "empty" / "x")
         prepare.prepare("coco_inpaint", str(tmp_path / "tfds"), str(tmp_path / "empty"))
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="is empty"):  # TFDS's own check asserts
+        prepare.prepare("coco_inpaint", str(tmp_path / "tfds"), str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "other" / "x")
+    command = [sys.executable, "-m", "catflax.data.prepare", "--dataset=coco_inpaint"]
+    command += [f"--source={tmp_path / 'other'}", f"--data_dir={tmp_path / 'tfds'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("prepare: ") and "instances_train2017.json" in last
 
 
 # ---- synthetic shapes ----

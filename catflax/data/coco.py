@@ -74,7 +74,7 @@ def generate(
     with open(path, encoding="utf-8") as f:
         try:
             coco = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from e
     for key in ("images", "annotations", "categories"):
         if key not in coco:
@@ -83,7 +83,7 @@ def generate(
     instances = collections.defaultdict(list)
     for ann in coco["annotations"]:
         instances[ann["image_id"]].append(ann)
-    captions = records.read_long_captions(source_dir, split)
+    captions = records.read_long_captions(source_dir, split, report)
     image_dir = os.path.join(source_dir, SPLIT_DIRS[split])
 
     for image_info in sorted(coco["images"], key=lambda i: i["id"]):

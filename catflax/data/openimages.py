@@ -45,8 +45,11 @@ def read_class_names(source_dir: str) -> dict[str, str]:
     for name in CLASS_FILES:
         path = os.path.join(source_dir, name)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8", newline="") as f:
-                rows = [row for row in csv.reader(f) if row]
+            try:
+                with open(path, encoding="utf-8", newline="") as f:
+                    rows = [row for row in csv.reader(f) if row]
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8: {e}") from e
             if rows and rows[0][:2] == ["LabelName", "DisplayName"]:
                 rows = rows[1:]
             bad = [i for i, row in enumerate(rows) if len(row) < 2]
@@ -77,15 +80,29 @@ def find_image(source_dir: str, split: str, image_id: str) -> str | None:
     return None
 
 
-def read_rows(path: str) -> dict[str, list[dict]]:
-    """CSV rows grouped by ImageID, in order of first appearance."""
+def read_rows(path: str, report: records.SplitReport | None = None) -> dict[str, list[dict]]:
+    """CSV rows grouped by ImageID, in order of first appearance. Rows with too few fields or
+    bytes that are not UTF-8 are skipped, logged as file:line and counted in `report` as
+    bad_row."""
     by_image: dict[str, list[dict]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    # Undecodable bytes become lone surrogates, found per row below: one bad byte costs one row.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS + BOX_COLUMNS if c not in (reader.fieldnames or [])]
+        fields = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS + BOX_COLUMNS if c not in fields]
         if missing:
             raise ValueError(f"{path}: missing columns {missing}")
         for row in reader:
+            values = [v for k, v in row.items() if k is not None and v is not None]
+            if len(values) < len(fields):  # DictReader fills the missing fields with None
+                detail = f"{len(values)} of {len(fields)} fields"
+                records.skip_line(report, "bad_row", path, reader.line_num, detail)
+                continue
+            try:
+                "".join(values).encode("utf-8")
+            except UnicodeEncodeError:
+                records.skip_line(report, "bad_row", path, reader.line_num, "not UTF-8")
+                continue
             by_image.setdefault(row["ImageID"], []).append(row)
     return by_image
 
@@ -109,12 +126,12 @@ def generate(
 ) -> Iterator[tuple[str, dict]]:
     """(mask name, record) for every usable segmentation; skips are counted in `report`."""
     class_names = read_class_names(source_dir)
-    rows_by_image = read_rows(csv_path(source_dir, split))
+    rows_by_image = read_rows(csv_path(source_dir, split), report)
     masks = index_files(
         [os.path.join(source_dir, f"{split}-masks"), os.path.join(source_dir, split, "labels")],
         ".png",
     )
-    captions = records.read_long_captions(source_dir, split)
+    captions = records.read_long_captions(source_dir, split, report)
     for image_id, rows in rows_by_image.items():
         image_path = find_image(source_dir, split, image_id)
         if image_path is None:
@@ -151,7 +168,7 @@ def generate(
                 continue
             try:
                 box = np.array([float(row[c]) for c in BOX_COLUMNS], np.float32)
-            except ValueError:
+            except (ValueError, TypeError):
                 box = records.box_from_mask(mask)
             yield (
                 mask_name.removesuffix(".png"),

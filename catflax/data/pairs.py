@@ -40,20 +40,22 @@ def _first(item: dict, keys: tuple[str, ...]):
 def generate(
     source_dir: str, split: str, report: records.SplitReport
 ) -> Iterator[tuple[str, dict]]:
-    """(line number, record) for every usable line; skips are counted in `report`."""
+    """(line number, record) for every usable line; skips are counted in `report` (bad lines,
+    undecodable ones included, also logged as file:line)."""
     path = jsonl_path(source_dir, split)
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{os.path.basename(path)}:{line_number}"
+    with open(path, "rb") as f:  # decoded line by line: one bad byte costs one line
+        for line_number, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 item = json.loads(line)
                 image_path = str(_first(item, IMAGE_KEYS))
                 text = str(_first(item, TEXT_KEYS)).strip()
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                report.skip("bad_line", f"{where} ({e})")
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                records.skip_line(report, "bad_line", path, line_number, e)
                 continue
+            where = f"{os.path.basename(path)}:{line_number}"
             if not text:
                 report.skip("empty_text", where)
                 continue

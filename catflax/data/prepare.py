@@ -6,6 +6,8 @@
 `--dataset` is a TFDS name with an optional config (`coco_inpaint/all`). `--data_dir` may be a
 `gs://` bucket: the dataset is then built in a local temporary folder and copied there (the copy
 needs `gcsfs`). The counts are printed and saved as prepare_report.json beside the data.
+A prepared dataset is reused; `--overwrite` rebuilds it in a temporary folder inside `--data_dir`
+and swaps it in only once the build succeeded, so a failed rebuild leaves the old one in place.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ NEEDS_SOURCE = ("coco_inpaint", "openimages_inpaint", "text_image_pairs")
 def prepare(
     dataset: str, data_dir: str, source: str | None = None, overwrite: bool = False
 ) -> dict[str, dict]:
-    """Builds `dataset` (unless already built) and returns per split {written, skipped,
-    samples}; also written to prepare_report.json in the dataset's folder."""
-    import tensorflow_datasets as tfds
-
+    """Builds `dataset` (unless already built; `overwrite` rebuilds it, keeping the old one until
+    the new one is complete) and returns per split {written, skipped, samples}; also written to
+    prepare_report.json in the dataset's folder."""
     from catflax.data import builders
 
     name = dataset.split("/")[0]
@@ -38,28 +39,63 @@ def prepare(
         raise ValueError(f"--dataset={dataset!r}: expected one of {sorted(builders.BUILDERS)}")
     if name in NEEDS_SOURCE and not (source and os.path.isdir(source)):
         raise FileNotFoundError(f"--source={source!r}: {name} needs a local source folder")
+    if name in NEEDS_SOURCE and not os.listdir(source):
+        raise FileNotFoundError(f"--source={source!r} is empty: {name} reads its files from it")
     remote = data_dir if paths.is_remote(data_dir) else None
-    build_dir = tempfile.mkdtemp(prefix="catflax-prepare-") if remote else data_dir
-    builder = tfds.builder(dataset, data_dir=os.path.expanduser(build_dir))
-    mode = tfds.download.GenerateMode
+    if not remote:
+        return _prepare_local(dataset, os.path.expanduser(data_dir), source, overwrite)
+    build_dir = tempfile.mkdtemp(prefix="catflax-prepare-")
+    try:
+        report = _prepare_local(dataset, build_dir, source, overwrite)
+        paths.copy_tree(build_dir, remote)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return report
+
+
+def _prepare_local(dataset: str, data_dir: str, source: str | None, overwrite: bool) -> dict:
+    """prepare() into a local data_dir. A rebuild over an existing folder is built in a temporary
+    folder inside data_dir and swapped in on success: a failed one leaves the old data as it was
+    (TFDS's own overwrite deletes it first)."""
+    import tensorflow_datasets as tfds
+
+    target = tfds.builder(dataset, data_dir=data_dir)
+    report_path = epath.Path(target.data_dir) / records.REPORT_FILE
+    if target.is_prepared() and not overwrite:
+        if report_path.exists():
+            return json.loads(report_path.read_text())
+        return _write_report(target)
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.abspath(source) if source else None,
         try_download_gcs=False,
-        download_mode=mode.REUSE_CACHE_IF_EXISTS if not overwrite else mode.FORCE_REDOWNLOAD,
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
     )
-    was_prepared = builder.is_prepared() and not overwrite
-    builder.download_and_prepare(download_config=config)
-    report_path = epath.Path(builder.data_dir) / records.REPORT_FILE
-    if was_prepared and report_path.exists():
-        report = json.loads(report_path.read_text())
-    else:
-        report = {split: r.as_dict() for split, r in builder.reports.items()}
-        for split, info in builder.info.splits.items():  # TFDS's own count is the truth
-            report.setdefault(split, records.SplitReport().as_dict())["written"] = info.num_examples
-        report_path.write_text(json.dumps(report, indent=2))
-    if remote:
-        paths.copy_tree(os.path.expanduser(build_dir), remote)
-        shutil.rmtree(build_dir, ignore_errors=True)
+    if not os.path.exists(target.data_dir):
+        target.download_and_prepare(download_config=config)
+        return _write_report(target)
+    staging = tempfile.mkdtemp(prefix=".catflax-prepare-", dir=data_dir)
+    try:
+        builder = tfds.builder(dataset, data_dir=staging)
+        builder.download_and_prepare(download_config=config)
+        report = _write_report(builder)
+        old = os.path.join(staging, "replaced")
+        os.rename(target.data_dir, old)
+        try:
+            os.rename(builder.data_dir, target.data_dir)
+        except OSError:
+            os.rename(old, target.data_dir)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _write_report(builder) -> dict[str, dict]:
+    """The builder's per-split reports (with TFDS's example counts), saved in its folder."""
+    report = {split: r.as_dict() for split, r in getattr(builder, "reports", {}).items()}
+    for split, info in builder.info.splits.items():  # TFDS's own count is the truth
+        report.setdefault(split, records.SplitReport().as_dict())["written"] = info.num_examples
+    (epath.Path(builder.data_dir) / records.REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -78,7 +114,11 @@ def main(argv) -> None:
 
     del argv
     flags_ = flags.FLAGS
-    report = prepare(flags_.dataset, flags_.data_dir, flags_.source, flags_.overwrite)
+    try:
+        report = prepare(flags_.dataset, flags_.data_dir, flags_.source, flags_.overwrite)
+    except (ValueError, OSError) as e:  # bad flags or sources (FileNotFoundError is an OSError)
+        message = " ".join(str(e).split()) or type(e).__name__
+        sys.exit(f"prepare: {message}")
     print(f"{flags_.dataset} in {flags_.data_dir}:")
     print(format_counts(report))
     sys.stdout.flush()
@@ -90,5 +130,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("dataset", None, "TFDS name[/config], e.g. coco_inpaint", required=True)
     flags.DEFINE_string("source", None, "folder with the source files (see each builder)")
     flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir, local or gs://")
-    flags.DEFINE_bool("overwrite", False, "rebuild even if the dataset is already prepared")
+    flags.DEFINE_bool(
+        "overwrite", False, "rebuild a prepared dataset (the old one stays until the new is built)"
+    )
     app.run(main)

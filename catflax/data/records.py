@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 # The empty `mask` marks an example without an object (text-image pairs): its mask is all zeros.
@@ -131,28 +132,49 @@ def box_from_mask(mask_HW: np.ndarray) -> np.ndarray:
     )
 
 
-def read_long_captions(source_dir: str, split: str) -> dict[str, str]:
+def read_long_captions(
+    source_dir: str, split: str, report: SplitReport | None = None
+) -> dict[str, str]:
     """Optional long captions for a split: `long_captions_{split}.jsonl` ({"key", "caption"}
-    per line) and/or a folder `long_captions/{split}/{key}.txt` (the reference's layout)."""
+    per line) and/or a folder `long_captions/{split}/{key}.txt` (the reference's layout).
+    Bad lines (not UTF-8, not JSON, no key or caption) and undecodable .txt files are skipped,
+    logged with file:line and counted in `report` as bad_long_caption."""
     captions: dict[str, str] = {}
     path = os.path.join(source_dir, f"long_captions_{split}.jsonl")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as f:  # decoded line by line: one bad byte costs one line
+            for line_number, raw in enumerate(f, 1):
                 try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
                     item = json.loads(line)
                     captions[str(item["key"])] = str(item["caption"]).strip()
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{line_number}: bad long-caption line: {e}") from e
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                    skip_line(report, "bad_long_caption", path, line_number, e)
     folder = os.path.join(source_dir, "long_captions", split)
     if os.path.isdir(folder):
-        for name in os.listdir(folder):
+        for name in sorted(os.listdir(folder)):
             if name.endswith(".txt"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    captions[name[: -len(".txt")]] = f.read().strip()
+                file = os.path.join(folder, name)
+                try:
+                    with open(file, encoding="utf-8") as f:
+                        captions[name[: -len(".txt")]] = f.read().strip()
+                except UnicodeDecodeError as e:
+                    logging.warning("%s: bad_long_caption skipped: %s", file, e)
+                    if report is not None:
+                        report.skip("bad_long_caption", f"{name} ({e})")
     return captions
+
+
+def skip_line(
+    report: SplitReport | None, reason: str, path: str, line_number: int, detail: object
+) -> None:
+    """A bad line of a source file: logged as path:line and counted in `report` (if given) with
+    file:line (detail) as its sample."""
+    logging.warning("%s:%d: %s skipped: %s", path, line_number, reason, detail)
+    if report is not None:
+        report.skip(reason, f"{os.path.basename(path)}:{line_number} ({detail})")
 
 
 @dataclasses.dataclass
