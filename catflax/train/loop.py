@@ -204,6 +204,7 @@ def run_stage(
     rng = jax.random.fold_in(jax.random.key(config.seed), stages.STAGE_ORDER.index(stage))
     ema = config.train.ema_decay > 0
     state = create_sharded_state(trainable, tx, rng, ema, shardings, mesh)
+    del model, params, trainable  # the state holds its own copy: free the initial parameters
 
     # ---------------------------------------------------------------- data and resume
     data_iter = data_factory(stage)
@@ -331,7 +332,9 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[s
         if name in values and not np.isfinite(values[name]):
             raise NonFiniteLossError(
                 f"{name} is {values[name]} at step {step}; stopping before that step's "
-                "checkpoint (the last good checkpoint is kept)"
+                "checkpoint. The latest checkpoint holds the parameters this step started from "
+                "(they may be what diverged): to resume from an earlier one, delete the newer "
+                "step folders under <workdir>/<stage>/checkpoints (train.keep_checkpoints are kept)"
             )
     dt = max(time.time() - since, 1e-9)
     peak = peak_flops_per_device(config.train.peak_flops_per_device)
