@@ -165,6 +165,48 @@ def param_shardings(
     return out
 
 
+def unsplit_report(
+    model: nnx.Module,
+    shardings: Mapping[tuple, NamedSharding],
+    rules: Mapping[str, Rule] | None,
+    min_bytes: int = 2**26,
+) -> str | None:
+    """A warning naming the parameters whose rules ask for mesh axes they could not be split
+    over (a dimension the axis size does not divide: SD's 320-multiple widths and fsdp > 64),
+    with the bytes each device then holds beyond an even split; None where that excess is under
+    `min_bytes` or 5% of an even share."""
+    rules, axes = normalize_rules(rules), logical_axes(model)
+    examples, extra, total = [], 0, 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        nbytes = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
+        sharding = shardings[path]
+        wanted = {a for name in axes[path] if name for a in rules.get(name, ())}
+        used = {a for entry in sharding.spec if entry for a in (entry if isinstance(entry, tuple)
+                                                                 else (entry,))}  # fmt: skip
+        missing = [a for a in sorted(wanted - used) if sharding.mesh.shape[a] > 1]
+        total += nbytes
+        if missing:
+            split = int(np.prod([sharding.mesh.shape[a] for a in used])) if used else 1
+            want = split * int(np.prod([sharding.mesh.shape[a] for a in missing]))
+            extra += nbytes // split - nbytes // want
+            name = "/".join(map(str, path))
+            examples.append((nbytes, f"{name} {tuple(value.shape)} not over {missing}"))
+    if not shardings:
+        return None
+    mesh = next(iter(shardings.values())).mesh
+    split = math.prod(mesh.shape[a] for a in {a for r in rules.values() for a in r})
+    if extra <= max(0.05 * total / split, min_bytes):
+        return None
+    return (
+        f"{len(examples)} parameters could not be split over every mesh axis their rules name "
+        f"(the axis size does not divide the dimension): {extra / 2**30:.3g} GiB more per device "
+        f"than an even split of the model's {total / 2**30:.3g} GiB, before the AdamW moments and "
+        f"EMA that follow them (largest: {max(examples)[1]}); "
+        "a smaller fsdp axis (and a larger data axis) splits them evenly"
+    )
+
+
 def state_shardings(state: nnx.State, shardings: Mapping[tuple, NamedSharding]) -> nnx.State:
     """An nnx.State of NamedShardings matching `state` (a subset of the model's parameters)."""
     flat = [(path, shardings[path]) for path, _ in nnx.to_flat_state(state)]

@@ -240,3 +240,18 @@ def test_ema_of_bf16_parameters_is_kept_in_float32():
     moved = sum(float(np.abs(e - p).sum()) for e, p in zip(flat(state.ema), start))
     expected = sum(float(np.abs(e - p).sum()) for e, p in zip(host, start))
     assert moved == pytest.approx(expected, rel=0.1)  # a bf16 EMA moved ~40x less
+
+
+def test_parameters_left_unsplit_are_reported():
+    """An fsdp size that does not divide the widths leaves kernels whole on every device: the
+    trainer warns with the excess per device and the largest such parameter."""
+    abstract = abstract_module(lambda rngs: CATDiffusion(TINY_CAT, rngs=rngs))
+    even = sharding_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
+    shardings = sharding_lib.param_shardings(abstract, even)
+    assert sharding_lib.unsplit_report(abstract, shardings, None, min_bytes=0) is None
+    uneven = sharding_lib.make_mesh(dict(data=1, fsdp=8, tensor=1), jax.devices()[:8])
+    shardings = sharding_lib.param_shardings(abstract, uneven)  # 257 positions over 8
+    report = sharding_lib.unsplit_report(abstract, shardings, None, min_bytes=0)
+    assert report is not None and "GiB more per device" in report
+    assert "position_embedding/embedding (257, 16) not over ['fsdp']" in report
+    assert sharding_lib.unsplit_report(abstract, shardings, None) is None  # under 64 MiB: quiet

@@ -77,6 +77,9 @@ def _compile_init(config, mesh):
     cat_cfg = CATConfig.from_dict(config.model)
     abstract = abstract_model(config)
     shardings = sharding_lib.param_shardings(abstract, mesh, dict(config.sharding_rules))
+    unsplit = sharding_lib.unsplit_report(abstract, shardings, dict(config.sharding_rules))
+    if unsplit:
+        logging.warning("sharding: %s", unsplit)
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     out = sharding_lib.state_shardings(abstract_params, shardings)
     make = lambda: nnx.state(CATDiffusion(cat_cfg, rngs=model_rngs(config.seed)), nnx.Param)  # noqa: E731
