@@ -96,6 +96,11 @@ def test_model_inputs_follow_the_spec(train):
     assert full.sum() > 100 and clear.sum() > 100
     assert (out["masked224"][full] == 127).all()
     np.testing.assert_array_equal(out["masked224"][clear], image224[clear])
+    # Everywhere, soft edges and the faint region included: blended with m, then truncated.
+    m224 = mask224[..., None] / 255.0
+    expected = (image224 * (1 - m224) + 127 * m224).astype(np.uint8)
+    assert ((mask224 > 0) & (mask224 < 255)).sum() > 100
+    np.testing.assert_array_equal(out["masked224"], expected)
     # mask16: a 2x2 patch is 1 iff one of its pixels rounds to 1 (>= 128)
     patches = (np.round(mask224 / 255.0) > 0).reshape(16, 2, 16, 2).any(axis=(1, 3))
     np.testing.assert_array_equal(out["mask16"], patches.astype(np.int32))

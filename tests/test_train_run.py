@@ -230,3 +230,44 @@ def test_resume_checks_name_what_changed():
     with pytest.raises(ResumeError, match=r"saved by other processes \(process_0-of-2.json"):
         check_resumable(saved, config(), "1a", ["process_0-of-2.json", "process_1-of-2.json"])
     check_resumable(saved, config(restore_data=False), "1a", ["process_0-of-2.json"])
+
+
+def test_each_stage_starts_from_the_latest_earlier_stage_that_trained_a_part(tmp_path):
+    """SPEC.md §5's merge: 2a takes the inpainter of 1a and the UNet of 1b; 2b the inpainter of
+    2a (not 1a) and the UNet of 1b; an unfinished stage hands nothing over."""
+    import jax
+    from flax import nnx
+
+    from catflax.models.cat import CATDiffusion
+    from catflax.train import loop
+    from tests.tiny import TINY_CAT
+
+    def fresh():
+        return nnx.state(CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def shifted(part: str, by: float) -> nnx.State:
+        return nnx.State({part: jax.tree.map(lambda x: x + by, fresh()[part])})
+
+    workdir = str(tmp_path)
+    loop.save_final(workdir, "1a", shifted("inpainter", 1.0))
+    loop.save_final(workdir, "1b", shifted("unet", 2.0))
+
+    def offsets(params, base):
+        return {
+            part: {float(np.round(np.mean(np.asarray(a) - np.asarray(b)), 4))
+                   for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(base[part]))}
+            for part in ("inpainter", "unet", "vae")
+        }  # fmt: skip
+
+    params = fresh()
+    assert loop.merge_earlier_stages(workdir, "2a", params) == [
+        "inpainter from stage 1a", "unet from stage 1b"]  # fmt: skip
+    assert offsets(params, fresh()) == {"inpainter": {1.0}, "unet": {2.0}, "vae": {0.0}}
+    params = fresh()
+    loop.merge_earlier_stages(workdir, "2b", params)  # 2a not finished: the inpainter of 1a
+    assert offsets(params, fresh())["inpainter"] == {1.0}
+    loop.save_final(workdir, "2a", shifted("inpainter", 3.0))
+    params = fresh()
+    assert loop.merge_earlier_stages(workdir, "2b", params) == [
+        "inpainter from stage 2a", "unet from stage 1b"]  # fmt: skip
+    assert offsets(params, fresh()) == {"inpainter": {3.0}, "unet": {2.0}, "vae": {0.0}}
