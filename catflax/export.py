@@ -163,7 +163,12 @@ def _restore_checkpoint_item(workdir: str, stage: str, like, item: str, steps: i
             f"{directory}: the last checkpoint is {'missing' if step is None else f'step {step}'}"
             f", not the stage's last step {steps}, so its {item} cannot be exported"
         )
-    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+
+    def abstract(x):  # the EMA is kept in float32 (steps.ema_copy)
+        floating = jax.dtypes.issubdtype(x.dtype, np.floating)
+        dtype = np.float32 if item == "ema" and floating else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+
     target = {item: jax.tree.map(abstract, like)}
     args = ocp.args.PyTreeRestore(
         item=target,
@@ -171,7 +176,8 @@ def _restore_checkpoint_item(workdir: str, stage: str, like, item: str, steps: i
         partial_restore=True,
     )
     with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(directory / str(step) / "state", args=args)[item]
+        restored = ckptr.restore(directory / str(step) / "state", args=args)[item]
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), restored, like)
 
 
 def _stage_parts(workdir: str, stage: str, target: str, params, config, ema: bool):
@@ -323,6 +329,29 @@ def write_diffusers(model, out: str, *, tokenizer, resolution: int, sampling, dt
                          sampling=sampling, dtype=dtype)  # fmt: skip
 
 
+def check_out(out: str, fmt: str) -> None:
+    """Refuses, before anything loads, an `out` the export would fail on or spoil: a file where
+    a folder goes, or (catflax format) a folder whose config.json is not a catflax pipeline's
+    (a training run's workdir, another model), which save_pretrained would refuse at the end."""
+    from catflax.weights import io, pipeline_format
+
+    if fmt == "reference" and out.endswith(".safetensors"):
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out={out}: exists and is not a directory")
+    config = os.path.join(out, "config.json")
+    if fmt == "catflax" and os.path.isfile(config):
+        try:
+            ours = io.read_json(config).get("format") == pipeline_format.FORMAT
+        except (io.WeightFileError, AttributeError):
+            ours = False
+        if not ours:
+            raise ExportError(
+                f"--out={out}: {config} exists and is not a catflax pipeline config (a training "
+                "run's?); export to another folder"
+            )
+
+
 def export_run(
     workdir: str, out: str, stage: str | None = None, fmt: str = "catflax", dtype: str = "fp32",
     ema: bool = False, report=print,
@@ -335,6 +364,7 @@ def export_run(
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     dtype = DTYPES[dtype]
+    check_out(out, fmt)
     model, config, notes = load_run(workdir, stage, ema=ema)
     for note in notes:
         report(f"export: {note}")
@@ -390,7 +420,8 @@ def main(argv: Sequence[str]) -> int:
         if missing:
             raise ExportError(f"missing {', '.join(missing)}")
         export_run(fv.workdir, fv.out, fv.stage, fv["format"].value, fv.dtype, fv.ema)
-    except (flags.Error, ExportError, OSError) as e:
+    # ValueError: ExportError and the other errors of bad input (WeightFileError, ConfigError).
+    except (flags.Error, ValueError, OSError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 1
     return 0

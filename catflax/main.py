@@ -147,13 +147,45 @@ class _LibraryChatter(pylogging.Filter):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error for an override of a field the config lacks."""
+    """absl flag parsing, with a one-line error for an override of a field the config lacks:
+    `catflax: unknown config field 'step' in --config.stage_1b.step=3 (did you mean 'steps'?)`."""
+    import re
+
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+
+    def culprit(e: BaseException, field: str | None = None) -> str:
+        """The override that failed: ml_collections applies them in turn, the one at hand in
+        its `field_path`; else the first with `field` in its path; else all of them."""
+        tb = e.__traceback__
+        while tb is not None:
+            path = tb.tb_frame.f_locals.get("field_path")
+            named = [a for a in overrides if a.partition("=")[0] == f"--config.{path}"]
+            if isinstance(path, str) and named:
+                return named[0]
+            tb = tb.tb_next
+        named = [a for a in overrides if field in a.partition("=")[0].split(".")[1:]]
+        return named[0] if named else " ".join(overrides or argv[1:])
+
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        field = str(e).strip("\"'")
-        bad = [a for a in argv if a.startswith("--config.") and field in a.split("=")[0]]
-        sys.exit(f"catflax: unknown config field {field!r} in {' '.join(bad) or argv[1:]}")
+        # ml_collections raises AttributeError(KeyError("'step'\nDid you mean \"steps\" ...")),
+        # or a KeyError("Attribute <class 'int'>.deep does not exist ... lookup: a.b.deep").
+        err = e
+        while err.args and isinstance(err.args[0], AttributeError | KeyError):
+            err = err.args[0]
+        text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        first, _, rest = text.partition("\n")
+        field = first.strip("\"'")
+        if not field.isidentifier():
+            sys.exit(f"catflax: {culprit(e)}: {first}")
+        hint = re.search(r'Did you mean "([^"]+)"', rest)
+        sys.exit(
+            f"catflax: unknown config field {field!r} in {culprit(e, field)}"
+            + (f" (did you mean {hint[1]!r}?)" if hint else "")
+        )
+    except TypeError as e:  # a path through a value that is not a config (a tuple, ...)
+        sys.exit(f"catflax: {culprit(e)}: no such config field ({e})")
     except flags.Error as e:
         sys.exit(f"catflax: {e}")
 

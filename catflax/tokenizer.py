@@ -59,16 +59,36 @@ def vocab_and_merges(bpe_path: str) -> tuple[dict[str, int], list[tuple[str, str
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+# What a tokenizer directory must hold, either set: without them transformers silently builds
+# a tokenizer of its 2 special tokens that maps every prompt to the same ids.
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+def tokenizer_dir(path: str) -> str:
+    """`path` or its `tokenizer/` subfolder, whichever holds the tokenizer files; else a
+    FileNotFoundError naming the folder and the files expected."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: tokenizer directory not found")
+    for candidate in (path, os.path.join(path, "tokenizer")):
+        for files in TOKENIZER_FILES:
+            if all(os.path.isfile(os.path.join(candidate, f)) for f in files):
+                return candidate
+    expected = " or ".join("+".join(files) for files in TOKENIZER_FILES)
+    raise FileNotFoundError(
+        f"{path}: no CLIP tokenizer files in this folder (expected {expected}, here or in "
+        "a tokenizer/ inside it)"
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str | None = None):
-    """A transformers CLIPTokenizer from `path` (a model or `tokenizer/` directory) or, when
-    `path` is None, built offline from the BPE file of the `openai-clip` package."""
+    """A transformers CLIPTokenizer from `path` (a model or `tokenizer/` directory, holding
+    vocab.json + merges.txt or tokenizer.json, or a folder with such a `tokenizer/` in it) or,
+    when `path` is None, built offline from the BPE file of the `openai-clip` package."""
     from transformers import CLIPTokenizer
 
     if path is not None:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: tokenizer directory not found")
-        return CLIPTokenizer.from_pretrained(path)
+        return CLIPTokenizer.from_pretrained(tokenizer_dir(path))
     vocab, merges = vocab_and_merges(openai_bpe_path())
     return CLIPTokenizer(vocab=vocab, merges=merges)
 

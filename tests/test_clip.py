@@ -289,3 +289,29 @@ def test_every_layer_norm_has_pytorch_precision_at_a_large_mean():
         ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (width,), eps=norm.epsilon)
         got = np.asarray(norm(jnp.asarray(x)))  # fresh norms: scale 1, bias 0
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-3, err_msg="/".join(map(str, path)))
+
+
+def test_from_pretrained_options_agree_with_config_json(tmp_path):
+    _, path, cfg = save_tiny_clip(tmp_path, "quick_gelu")
+    source = os.path.join(path, "config.json")
+    text_width, vision_patch = cfg["text"]["hidden_size"], cfg["vision"]["patch_size"]
+    # The file's own sizes and run-time options are accepted.
+    text = clip.CLIPTextModel.from_pretrained(
+        path, hidden_size=text_width, attention="chunked", remat=True, dtype="bfloat16"
+    )
+    assert text.config.hidden_size == text_width and text.config.attention == "chunked"
+    assert text.config.remat and text.config.dtype == "bfloat16"
+    vision = clip.CLIPVisionModel.from_pretrained(path, patch_size=vision_patch)
+    assert vision.config.patch_size == vision_patch
+    # A size the file contradicts: config.json, the field and both values are named.
+    with pytest.raises(WeightFileError) as err:
+        clip.CLIPTextModel.from_pretrained(path, hidden_size=text_width * 2)
+    assert str(err.value).startswith(source + ": hidden_size is ")
+    assert f"{text_width} in the file, but {text_width * 2} was asked for" in str(err.value)
+    with pytest.raises(WeightFileError, match="num_layers is 3 in the file, but 5 was asked"):
+        clip.CLIPVisionModel.from_pretrained(path, num_layers=5)
+    # An unknown option is a TypeError naming it and the file.
+    for cls in (clip.CLIPTextModel, clip.CLIPVisionModel):
+        with pytest.raises(TypeError, match="bogus") as err:
+            cls.from_pretrained(path, bogus=1)
+        assert source in str(err.value)

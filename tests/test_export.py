@@ -419,3 +419,36 @@ def test_report_of_a_run_on_an_object_store(run, fake_gcs, monkeypatch, capsys, 
     copy = "copy them here: gcloud storage cp -r gs://bucket/run/export gs://bucket/run/example ."
     assert copy in out
     assert "try it: python -m catflax.inpaint --weights=export --image=example/image.png" in out
+
+
+def test_an_out_that_is_a_training_workdir_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    def load_run(*args, **kwargs):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    monkeypatch.setattr(export, "load_run", load_run)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"seed": 0}')  # a training run's config
+    (tmp_path / "file").write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    for out, fmt, message in (
+        (workdir, "catflax", f"--out={workdir}: {workdir / 'config.json'} exists and is not a "
+         "catflax pipeline config"),
+        (broken, "catflax", "exists and is not a catflax pipeline config"),
+        (tmp_path / "file", "diffusers", f"--out={tmp_path / 'file'}: exists and is not a "
+         "directory"),
+        (tmp_path / "file", "reference", "exists and is not a directory"),
+    ):  # fmt: skip
+        argv = [f"--workdir={workdir}", f"--out={out}", f"--format={fmt}"]
+        assert export.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("export: ") and message in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err  # one line
+    assert json.loads((workdir / "config.json").read_text()) == {"seed": 0}
+    # The other formats may write into a run's folder; the reference file may be named.
+    with pytest.raises(AssertionError, match="loaded before"):
+        export.export_run(str(workdir), str(workdir), fmt="diffusers")
+    with pytest.raises(AssertionError, match="loaded before"):
+        export.export_run(str(workdir), str(tmp_path / "file.safetensors"), fmt="reference")

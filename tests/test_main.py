@@ -82,3 +82,30 @@ def test_training_refuses_random_frozen_parts_unless_asked(tmp_path):
     assert "the VAE" not in result.stderr  # the demo's pooling VAE is given
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "1a").exists()
+
+
+def test_misspelt_config_fields_name_the_override_and_a_suggestion(tmp_path):
+    cases = {
+        "--config.stage_1b.step=3": (
+            "catflax: unknown config field 'step' in --config.stage_1b.step=3 "
+            "(did you mean 'steps'?)"
+        ),
+        "--config.seedd=3": (
+            "catflax: unknown config field 'seedd' in --config.seedd=3 (did you mean 'seed'?)"
+        ),
+        "--config.model.unett.num_heads=1": (
+            "catflax: unknown config field 'unett' in --config.model.unett.num_heads=1 "
+            "(did you mean 'unet'?)"
+        ),
+        "--config.model.unet.bogus.deep=1": (
+            "catflax: unknown config field 'bogus' in --config.model.unet.bogus.deep=1"
+        ),
+        "--config.stages.x=1": "catflax: --config.stages.x=1: no such config field",
+    }
+    for override, message in cases.items():
+        # A valid override beside the bad one is not blamed.
+        result = run_main(tmp_path, "--config.seed=3", override)
+        assert result.returncode != 0
+        err = result.stderr.strip()
+        assert message in err, err
+        assert "\n" not in err and "\\" not in err and "Traceback" not in err, err

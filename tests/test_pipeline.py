@@ -441,13 +441,29 @@ def test_damaged_pipeline_configs_are_named(pipe, saved, tmp_path):
         r"config.json: sampling: unknown setting\(s\) \['steps'\]": (
             lambda m: m["sampling"].update(steps=3)
         ),
+        r"config.json: model.unet.num_heads: expected int, got 'two'$": (
+            lambda m: m["model"]["unet"].update(num_heads="two")
+        ),
+        r"config.json: model.vae.block_out_channels\[0\]: expected int, got '8'$": (
+            lambda m: m["model"]["vae"].update(block_out_channels=["8"])
+        ),
+        r"config.json: model.clip_text.remat: expected bool, got 'no'$": (
+            lambda m: m["model"]["clip_text"].update(remat="no")
+        ),
+        r"config.json: model.inpainter: expected a dict of fields, got 3$": (
+            lambda m: m["model"].update(inpainter=3)
+        ),
+        r"config.json: model.unet: .*unexpected keyword argument 'bogus'": (
+            lambda m: m["model"]["unet"].update(bogus=1)
+        ),
     }
     for message, edit in edits.items():
         broken = json.loads(json.dumps(meta))
         edit(broken)
         (copy / "config.json").write_text(json.dumps(broken))
-        with pytest.raises((io.WeightFileError, ValueError), match=message):
+        with pytest.raises((io.WeightFileError, ValueError), match=message) as err:
             CATPipeline.from_pretrained(str(copy))
+        assert str(err.value).startswith(str(copy / "config.json")), err.value
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     (workdir / "config.json").write_text('{"seed": 0}')

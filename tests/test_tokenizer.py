@@ -1,6 +1,7 @@
 """The offline CLIP tokenizer against openai-clip's own SimpleTokenizer."""
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -61,3 +62,36 @@ def test_tokenizer_directory_round_trip(tmp_path):
     np.testing.assert_array_equal(tok.tokenize(PROMPTS, from_dir), tok.tokenize(PROMPTS))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         tok.load_tokenizer(str(tmp_path / "nowhere"))
+
+
+def test_tokenizer_directory_without_tokenizer_files_is_refused(tmp_path):
+    # A CLIP model folder without its tokenizer (transformers would build a 2-token one).
+    model_dir = tmp_path / "clip"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "vocab.json").write_text("{}")  # merges.txt missing
+    for folder in (model_dir, tmp_path / "empty", tmp_path / "half"):
+        with pytest.raises(FileNotFoundError) as err:
+            tok.load_tokenizer(str(folder))
+        assert str(err.value).startswith(f"{folder}: no CLIP tokenizer files")
+        assert "vocab.json+merges.txt or tokenizer.json" in str(err.value)
+    # Either set of files is accepted, in the folder or in a tokenizer/ inside it.
+    tok.load_tokenizer().save_pretrained(str(model_dir / "tokenizer"))
+    assert sorted(os.listdir(model_dir / "tokenizer")) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    ids = tok.tokenize(PROMPTS[:3])
+    np.testing.assert_array_equal(
+        tok.tokenize(PROMPTS[:3], tok.load_tokenizer(str(model_dir))), ids
+    )
+    vocab, merges = tok.vocab_and_merges(tok.openai_bpe_path())
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "vocab.json").write_text(json.dumps(vocab))
+    lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
+    (slow / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    np.testing.assert_array_equal(tok.tokenize(PROMPTS[:3], tok.load_tokenizer(str(slow))), ids)

@@ -33,23 +33,52 @@ class CATConfig:
     inpainter: InpainterConfig = dataclasses.field(default_factory=InpainterConfig)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Mapping[str, Any]]) -> CATConfig:
-        """From `config.model` (one dict of fields per part); unknown fields are errors."""
+    def from_dict(
+        cls, d: Mapping[str, Mapping[str, Any]], where: str = "config.model"
+    ) -> CATConfig:
+        """From `config.model` (one dict of fields per part); unknown fields and values of the
+        wrong type are errors naming `where`.part.field (`where`: what holds `d`)."""
+        import numbers
+        import typing
+
+        def typed(value: Any, want: Any, key: str) -> Any:
+            """`value` as a field of type `want` (int, float, bool, str, tuple[X, ...]), else a
+            ConfigError naming `key`; a list is a tuple (JSON has none), an int a float."""
+            if typing.get_origin(want) is tuple:
+                if not isinstance(value, list | tuple):
+                    raise ConfigError(f"{key}: expected a list, got {value!r}")
+                item = typing.get_args(want)[0]
+                return tuple(typed(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+            number = {int: numbers.Integral, float: numbers.Real}.get(want)
+            if number is not None:
+                if isinstance(value, number) and not isinstance(value, bool):
+                    return want(value)
+            elif want not in (bool, str) or isinstance(value, want):
+                return value  # checked, or a type this check does not know
+            raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
+
         types = dict(
             clip_text=CLIPTextConfig, clip_vision=CLIPVisionConfig, vae=VAEConfig,
             unet=UNetConfig, inpainter=InpainterConfig,
         )  # fmt: skip
+        if not hasattr(d, "keys"):  # a dict or an ml_collections ConfigDict (not a Mapping)
+            raise ConfigError(f"{where}: expected a dict of parts, got {d!r}")
         unknown = set(d) - set(types)
         if unknown:
-            raise ConfigError(
-                f"config.model has unknown parts {sorted(unknown)}; known: {list(types)}"
-            )
+            raise ConfigError(f"{where} has unknown parts {sorted(unknown)}; known: {list(types)}")
         kwargs = {}
         for name, value in d.items():
+            if not hasattr(value, "keys"):
+                raise ConfigError(f"{where}.{name}: expected a dict of fields, got {value!r}")
+            fields = typing.get_type_hints(types[name])
+            checked = {
+                k: typed(v, fields[k], f"{where}.{name}.{k}") if k in fields else v
+                for k, v in dict(value).items()
+            }
             try:
-                kwargs[name] = types[name](**dict(value))
+                kwargs[name] = types[name](**checked)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"config.model.{name}: {e}") from e
+                raise ConfigError(f"{where}.{name}: {e}") from e
         return cls(**kwargs)
 
 

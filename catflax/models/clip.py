@@ -78,10 +78,14 @@ _HF_VISION_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def text_config_from_hf(hf: dict[str, Any], **overrides) -> CLIPTextConfig:
-    """Our text config from a transformers CLIPTextConfig dict (or a CLIPConfig's text_config)."""
+def text_config_from_hf(
+    hf: dict[str, Any], source: str = "config.json", **overrides
+) -> CLIPTextConfig:
+    """Our text config from a transformers CLIPTextConfig dict (or a CLIPConfig's text_config).
+    `overrides`: run-time fields (dtype, attention, ...) are free; a size field must repeat
+    the file's value; an unknown one is a TypeError naming `source`."""
     hf = {**_HF_TEXT_DEFAULTS, **hf.get("text_config", hf)}
-    return CLIPTextConfig(
+    cfg = CLIPTextConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
@@ -91,14 +95,17 @@ def text_config_from_hf(hf: dict[str, Any], **overrides) -> CLIPTextConfig:
         hidden_act=hf["hidden_act"],
         layer_norm_eps=hf["layer_norm_eps"],
         eos_token_id=hf["eos_token_id"],
-        **overrides,
     )
+    return _apply_overrides(cfg, overrides, source)
 
 
-def vision_config_from_hf(hf: dict[str, Any], **overrides) -> CLIPVisionConfig:
-    """Our vision config from a transformers CLIPVisionConfig dict (or a CLIPConfig's)."""
+def vision_config_from_hf(
+    hf: dict[str, Any], source: str = "config.json", **overrides
+) -> CLIPVisionConfig:
+    """Our vision config from a transformers CLIPVisionConfig dict (or a CLIPConfig's);
+    `overrides` as text_config_from_hf's."""
     hf = {**_HF_VISION_DEFAULTS, **hf.get("vision_config", hf)}
-    return CLIPVisionConfig(
+    cfg = CLIPVisionConfig(
         image_size=hf["image_size"],
         patch_size=hf["patch_size"],
         num_channels=hf["num_channels"],
@@ -108,8 +115,17 @@ def vision_config_from_hf(hf: dict[str, Any], **overrides) -> CLIPVisionConfig:
         num_heads=hf["num_attention_heads"],
         hidden_act=hf["hidden_act"],
         layer_norm_eps=hf["layer_norm_eps"],
-        **overrides,
     )
+    return _apply_overrides(cfg, overrides, source)
+
+
+def _apply_overrides(cfg, overrides: dict, source: str):
+    """diffusers_format's rule for the UNet and VAE: run-time fields are free, a size field may
+    only repeat the file's value, an unknown one is named (imported here: that module imports
+    the UNet and VAE)."""
+    from catflax.weights import diffusers_format
+
+    return diffusers_format._apply_overrides(cfg, overrides, source)
 
 
 def _dtypes(cfg) -> dict[str, Any]:
@@ -264,8 +280,9 @@ def _from_pretrained(
 ):  # fmt: skip
     from catflax.weights import convert, io
 
-    hf_config = io.read_json(os.path.join(path, "config.json"))
-    cfg = config_fn(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
+    config_path = os.path.join(path, "config.json")
+    hf_config = io.read_json(config_path)
+    cfg = config_fn(hf_config, config_path, dtype=dtype, param_dtype=param_dtype, **overrides)
     state = io.read_state_dict(path, allow_pickle=allow_pickle, variant=variant)
     if not any(k.startswith(prefix) for k in state):  # a bare tower saved without its prefix
         state = {prefix + k: v for k, v in state.items()}

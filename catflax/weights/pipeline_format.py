@@ -106,6 +106,10 @@ def read_config(path: str) -> dict[str, Any]:
         missing.append("resolution")
     if missing:
         raise io.WeightFileError(f"{config_path}: missing or malformed {missing}")
+    try:  # every field of the right type (the caller builds the config again from the dict)
+        CATConfig.from_dict(model, where="model")
+    except ValueError as e:  # ConfigError: a wrong type, an unknown field, sizes that do not fit
+        raise io.WeightFileError(f"{config_path}: {e}") from e
     return meta
 
 
