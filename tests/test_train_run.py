@@ -114,9 +114,17 @@ def test_plateau_lowers_the_rate_and_survives_a_resume(tmp_path):
             "--config.train.peak_flops_per_device=1e11"]  # fmt: skip
     killed = run_main(tmp_path, *args, env=env_for({"CATFLAX_TEST_KILL_AT_STEP": "5"}))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_main(tmp_path, *args)
+    # Clipping turned on adds optimiser state the checkpoint lacks: refused, the field named
+    # (not orbax's tree mismatch).
+    clipped = run_main(tmp_path, *args, "--config.optimizer.grad_clip_norm=1.0")
+    assert clipped.returncode != 0 and "Traceback" not in clipped.stderr
+    assert "catflax: stage 1a: cannot resume: config.optimizer.grad_clip_norm was 0.0 and is " \
+        "1.0 now" in clipped.stderr  # fmt: skip
+    # restore_data=False: model and optimiser (the plateau state with them) restored, the data
+    # stream restarted (the exact resume of the data: test_exact_resume_after_sigkill).
+    resumed = run_main(tmp_path, *args, "--config.train.restore_data=False")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at step 4" in resumed.stderr
+    assert "resumed at step 4" in resumed.stderr and "starts afresh" in resumed.stderr
 
     with open(tmp_path / "1a" / "validation.jsonl") as f:
         validations = [json.loads(line) for line in f]
@@ -187,24 +195,6 @@ def test_resume_after_an_interrupted_final_save(tmp_path):
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
-def test_resume_refuses_a_changed_state_and_can_restart_the_data(tmp_path):
-    """A checkpoint whose train state or data position does not fit the new config is refused
-    with the field named (not orbax's tree mismatch, nor grain's missing file);
-    `train.restore_data=False` restores the model and optimiser and restarts the stream."""
-    args = [*steps(4, ("1a",)), "--config.train.checkpoint_every=2"]
-    killed = run_main(tmp_path, *args, env=env_for({"CATFLAX_TEST_KILL_AT_STEP": "3"}))
-    assert killed.returncode != 0 and os.path.isdir(tmp_path / "1a" / "checkpoints" / "2")
-    clipped = run_main(tmp_path, *args, "--config.optimizer.grad_clip_norm=1.0")
-    assert clipped.returncode != 0 and "Traceback" not in clipped.stderr
-    assert "catflax: stage 1a: cannot resume: config.optimizer.grad_clip_norm was 0.0 and is " \
-        "1.0 now" in clipped.stderr  # fmt: skip
-    restarted = run_main(tmp_path, *args, "--config.data.num_workers=1",
-                         "--config.train.restore_data=False")  # fmt: skip
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert "resumed at step 2" in restarted.stderr and "starts afresh" in restarted.stderr
-    assert losses(tmp_path, "1a")[0][-2:] == [3, 4]
-
-
 def test_resume_checks_name_what_changed():
     from ml_collections import config_dict
 
@@ -242,8 +232,10 @@ def test_each_stage_starts_from_the_latest_earlier_stage_that_trained_a_part(tmp
     from catflax.train import loop
     from tests.tiny import TINY_CAT
 
-    def fresh():
-        return nnx.state(CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)), nnx.Param)
+    base = nnx.state(CATDiffusion(TINY_CAT, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def fresh():  # a new State (merge_earlier_stages replaces its parts) over the same arrays
+        return jax.tree.map(lambda x: x, base)
 
     def shifted(part: str, by: float) -> nnx.State:
         return nnx.State({part: jax.tree.map(lambda x: x + by, fresh()[part])})
