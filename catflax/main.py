@@ -69,9 +69,7 @@ def check_batch_sizes(config, mesh, process_count: int) -> None:
     from catflax import sharding
     from catflax.models.cat import ConfigError
 
-    shards = 1
-    for axis in sharding.BATCH_AXES:
-        shards *= mesh.shape.get(axis, 1)
+    shards = sharding.batch_shards(mesh)
     batches = {"train.batch_size (global)": config.train.batch_size}
     if any(config[f"stage_{s}"].get("plateau_every", 0) > 0 for s in config.stages):
         batches["data.eval_batch_size x processes"] = config.data.eval_batch_size * process_count

@@ -213,6 +213,11 @@ def state_shardings(state: nnx.State, shardings: Mapping[tuple, NamedSharding]) 
     return nnx.from_flat_state(flat)
 
 
+def batch_shards(mesh) -> int:
+    """How many ways a batch is split: the product of the mesh's BATCH_AXES sizes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis split over data and fsdp; the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 from absl import logging
 
 from catflax.train import stages
@@ -95,8 +96,6 @@ def check_resumable(saved: dict | None, config, stage: str, data_files: list[str
                 f"config.data.num_workers was {workers} and is {config.data.num_workers} now: "
                 f"the saved data position is per worker{hint}"
             )
-        import jax
-
         mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if data_files and mine not in data_files:
             problems.append(

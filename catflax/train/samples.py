@@ -13,7 +13,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from catflax.sharding import BATCH_AXES
+from catflax.sharding import batch_shards
 
 
 def sample_grid(model, config, num_images: int = 4, seed: int = 0, mesh=None) -> np.ndarray | None:
@@ -28,7 +28,7 @@ def sample_grid(model, config, num_images: int = 4, seed: int = 0, mesh=None) ->
     processes = jax.process_count()
     per_process = num_images
     if processes > 1:  # equal shares, each a multiple of the process's batch-axis devices
-        shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape) // processes
+        shards = batch_shards(mesh) // processes
         per_process = shards * math.ceil(math.ceil(num_images / processes) / shards)
     feed = Feed.from_config(config, "eval")
     batch = {k: np.asarray(v)[:per_process] for k, v in feed.next_local().items()}
