@@ -64,15 +64,24 @@ def vocab_and_merges(bpe_path: str) -> tuple[dict[str, int], list[tuple[str, str
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
-def tokenizer_dir(path: str) -> str:
-    """`path` or its `tokenizer/` subfolder, whichever holds the tokenizer files; else a
-    FileNotFoundError naming the folder and the files expected."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: tokenizer directory not found")
+def find_tokenizer_dir(path: str) -> str | None:
+    """`path` or its `tokenizer/` subfolder, whichever holds the tokenizer files; None if neither
+    does."""
     for candidate in (path, os.path.join(path, "tokenizer")):
         for files in TOKENIZER_FILES:
             if all(os.path.isfile(os.path.join(candidate, f)) for f in files):
                 return candidate
+    return None
+
+
+def tokenizer_dir(path: str) -> str:
+    """`find_tokenizer_dir(path)`; else a FileNotFoundError naming the folder and the files
+    expected."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: tokenizer directory not found")
+    found = find_tokenizer_dir(path)
+    if found is not None:
+        return found
     expected = " or ".join("+".join(files) for files in TOKENIZER_FILES)
     raise FileNotFoundError(
         f"{path}: no CLIP tokenizer files in this folder (expected {expected}, here or in "

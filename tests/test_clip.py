@@ -303,6 +303,10 @@ def test_from_pretrained_options_agree_with_config_json(tmp_path):
     assert text.config.remat and text.config.dtype == "bfloat16"
     vision = clip.CLIPVisionModel.from_pretrained(path, patch_size=vision_patch)
     assert vision.config.patch_size == vision_patch
+    # eos_token_id is a setting, not a size: it overrides the file's (999), as in transformers
+    # (2: legacy configs, pooled at the largest id).
+    legacy = clip.CLIPTextModel.from_pretrained(path, eos_token_id=2)
+    assert legacy.config.eos_token_id == legacy.text_model.eos_token_id == 2
     # A size the file contradicts: config.json, the field and both values are named.
     with pytest.raises(WeightFileError) as err:
         clip.CLIPTextModel.from_pretrained(path, hidden_size=text_width * 2)

@@ -163,7 +163,8 @@ def test_coco_records(coco_built):
     assert len(read_split(data_dir, "coco_inpaint", "validation")) == 1
 
 
-def test_coco_bad_long_caption_lines_are_skipped(coco_source, tmp_path, caplog):
+def test_coco_bad_long_caption_lines_are_warnings(coco_source, tmp_path, caplog):
+    """A bad long-caption line costs only that caption: counted as a warning, not a skip."""
     root = tmp_path / "coco"
     shutil.copytree(coco_source[0], root)
     with open(root / "long_captions_train.jsonl", "wb") as f:
@@ -175,12 +176,17 @@ def test_coco_bad_long_caption_lines_are_skipped(coco_source, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         report = prepare.prepare("coco_inpaint", data_dir, str(root))
     assert report["train"]["written"] == 4
-    assert report["train"]["skipped"]["bad_long_caption"] == 3
+    assert report["train"]["skipped"] == {"corrupt_image": 2, "crowd": 1, "too_small": 1}
+    assert report["train"]["warnings"] == {"bad_long_caption": 3}
     samples = report["train"]["samples"]["bad_long_caption"]
     assert [s.split(" ")[0] for s in samples] == [
         "long_captions_train.jsonl:2", "long_captions_train.jsonl:3", "long_captions_train.jsonl:4"
     ]  # fmt: skip
     assert "long_captions_train.jsonl:2" in caplog.text
+    printed = prepare.format_counts(report)
+    assert "train: written 4, skipped 4, warnings 3" in printed
+    assert "\n  warning: bad_long_caption: 3 (e.g. long_captions_train.jsonl:2 (" in printed
+    assert printed.endswith("\nvalidation: written 1, skipped 0")  # no warnings: not shown
     train = read_split(data_dir, "coco_inpaint", "train")
     assert records.text(train["coco/train2017/000000000001.jpg#11"]["caption"]) == (
         "a fluffy brown dog"
@@ -406,11 +412,37 @@ def test_synthetic_shapes_colours_and_determinism():
     assert len(labels) > 20 and {label.split()[-1] for label in labels} == set(synthetic.SHAPES)
 
 
-def test_built_tree_copies_to_another_data_dir(tmp_path):
-    """What prepare does for a gs:// data_dir (build locally, copy the tree), between folders."""
-    prepare.prepare("synthetic_shapes/tiny", str(tmp_path / "local"))
-    paths.copy_tree(str(tmp_path / "local"), str(tmp_path / "remote"))
-    assert len(read_split(str(tmp_path / "remote"), "synthetic_shapes/tiny", "validation")) == 16
+def test_gcs_data_dir_reuses_a_prepared_dataset(fake_gcs, tmp_path, monkeypatch):
+    """A gs:// data_dir (conftest's fake_gcs): built locally and copied up; a dataset prepared
+    there is reused, --overwrite rebuilds it, and an interrupted copy leaves it not prepared."""
+    data_dir, name = "gs://bucket/tfds", "text_image_pairs"
+    on_store = fake_gcs / "bucket" / "tfds"  # read there: ArrayRecord reads local files only
+    source = pairs_source(tmp_path / "pairs", ["one", "two"])
+    first = prepare.prepare(name, data_dir, str(source))
+    assert first["train"]["written"] == 2
+    assert len(read_split(str(on_store), name, "train")) == 2
+    pairs_source(source, ["one", "two", "three"])
+    assert prepare.prepare(name, data_dir, str(source)) == first  # reused, not rebuilt
+    os.remove(source / "train.jsonl")  # a failed rebuild: built locally, the bucket untouched
+    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+        prepare.prepare(name, data_dir, str(source), overwrite=True)
+    assert prepare.prepare(name, data_dir, str(source)) == first
+    pairs_source(source, ["one", "two", "three"])
+
+    def broken_upload(local_root, remote_root):
+        raise OSError("connection reset")
+
+    with monkeypatch.context() as m:
+        m.setattr(paths, "copy_tree", broken_upload)
+        with pytest.raises(OSError, match="connection reset"):
+            prepare.prepare(name, data_dir, str(source), overwrite=True)
+    assert not (on_store / name / "1.0.0" / prepare.PREPARED_MARKER).exists()
+    again = prepare.prepare(name, data_dir, str(source))  # not prepared: built again
+    assert again["train"]["written"] == 3
+    assert len(read_split(str(on_store), name, "train")) == 3
+    pairs_source(source, ["one", "two", "three", "four"])
+    assert prepare.prepare(name, data_dir, str(source), overwrite=True)["train"]["written"] == 4
+    assert len(read_split(str(on_store), name, "train")) == 4
 
 
 def test_decode_errors_are_clear():

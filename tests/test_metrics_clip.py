@@ -7,7 +7,7 @@ import transformers
 from PIL import Image
 
 from catflax.metrics import clip_score, distances
-from catflax.tokenizer import tokenize
+from catflax.tokenizer import load_tokenizer, tokenize
 from catflax.weights.io import WeightFileError
 from tests.torch_utils import perturb_vectors
 
@@ -29,6 +29,8 @@ def tiny_clip(tmp_path_factory):
     perturb_vectors(model)  # every LayerNorm and bias non-trivial
     path = str(tmp_path_factory.mktemp("clip") / "clip")
     model.save_pretrained(path)
+    # Its tokenizer as transformers 5 saves one: tokenizer.json only, no vocab.json.
+    load_tokenizer().save_pretrained(path)
     return model, path
 
 
@@ -55,6 +57,7 @@ def _cos(a, b):
 def test_clip_scores_match_transformers(tiny_clip):
     model, path = tiny_clip
     scorer = clip_score.CLIPScorer.from_pretrained(path, batch_size=8)
+    assert scorer.tokenizer.name_or_path == path  # the directory's, not openai-clip's BPE
     rng = np.random.default_rng(0)
     # Ten images of assorted sizes: a batch of 8 sharded over the 8 devices, then a padded one.
     images = [rng.integers(0, 256, (40 + 3 * i, 50 - 2 * i, 3), dtype=np.uint8) for i in range(10)]

@@ -7,7 +7,8 @@
 `gs://` bucket: the dataset is then built in a local temporary folder and copied there (the copy
 needs `gcsfs`). The counts are printed and saved as prepare_report.json beside the data.
 A prepared dataset is reused; `--overwrite` rebuilds it in a temporary folder inside `--data_dir`
-and swaps it in only once the build succeeded, so a failed rebuild leaves the old one in place.
+(a local one for gs://) and puts it in place only once the build succeeded, so a failed rebuild
+leaves the old one as it was.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from catflax import paths
 from catflax.data import records
 
 NEEDS_SOURCE = ("coco_inpaint", "openimages_inpaint", "text_image_pairs")
+PREPARED_MARKER = "dataset_info.json"  # TFDS's is_prepared() looks for it in the version folder
 
 
 def prepare(
     dataset: str, data_dir: str, source: str | None = None, overwrite: bool = False
 ) -> dict[str, dict]:
     """Builds `dataset` (unless already built; `overwrite` rebuilds it, keeping the old one until
-    the new one is complete) and returns per split {written, skipped, samples}; also written to
-    prepare_report.json in the dataset's folder."""
+    the new one is built; for gs:// see _prepare_remote) and returns per split {written,
+    skipped, warnings, samples}; also written to prepare_report.json in the dataset's folder."""
     from catflax.data import builders
 
     name = dataset.split("/")[0]
@@ -41,13 +43,34 @@ def prepare(
         raise FileNotFoundError(f"--source={source!r}: {name} needs a local source folder")
     if name in NEEDS_SOURCE and not os.listdir(source):
         raise FileNotFoundError(f"--source={source!r} is empty: {name} reads its files from it")
-    remote = data_dir if paths.is_remote(data_dir) else None
-    if not remote:
-        return _prepare_local(dataset, os.path.expanduser(data_dir), source, overwrite)
+    if paths.is_remote(data_dir):
+        return _prepare_remote(dataset, data_dir, source, overwrite)
+    return _prepare_local(dataset, os.path.expanduser(data_dir), source, overwrite)
+
+
+def _prepare_remote(dataset: str, data_dir: str, source: str | None, overwrite: bool) -> dict:
+    """prepare() into a gs:// data_dir: a dataset prepared there is reused (unless `overwrite`);
+    else it is built in a local temporary folder, so a failed build leaves the bucket untouched,
+    then copied up with TFDS's marker of a prepared dataset (dataset_info.json) last. A rebuild
+    deletes the old marker before the copy: an interrupted copy leaves a dataset that reads as
+    not prepared (and is built again by the next prepare), never old metadata over new files."""
+    import tensorflow_datasets as tfds
+
+    target = tfds.builder(dataset, data_dir=data_dir)
+    if target.is_prepared() and not overwrite:
+        return _prepared_report(target)
     build_dir = tempfile.mkdtemp(prefix="catflax-prepare-")
     try:
-        report = _prepare_local(dataset, build_dir, source, overwrite)
-        paths.copy_tree(build_dir, remote)
+        local_root = os.path.join(build_dir, "data_dir")
+        report = _prepare_local(dataset, local_root, source, overwrite=False)
+        built = tfds.builder(dataset, data_dir=local_root).data_dir
+        marker = os.path.join(build_dir, PREPARED_MARKER)  # held out of the copy until the end
+        os.rename(os.path.join(built, PREPARED_MARKER), marker)
+        remote_marker = target.data_path / PREPARED_MARKER
+        remote_marker.unlink(missing_ok=True)
+        paths.copy_tree(local_root, data_dir)
+        with open(marker, "rb") as f:
+            remote_marker.write_bytes(f.read())
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
     return report
@@ -60,11 +83,8 @@ def _prepare_local(dataset: str, data_dir: str, source: str | None, overwrite: b
     import tensorflow_datasets as tfds
 
     target = tfds.builder(dataset, data_dir=data_dir)
-    report_path = epath.Path(target.data_dir) / records.REPORT_FILE
     if target.is_prepared() and not overwrite:
-        if report_path.exists():
-            return json.loads(report_path.read_text())
-        return _write_report(target)
+        return _prepared_report(target)
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.abspath(source) if source else None,
         try_download_gcs=False,
@@ -90,6 +110,14 @@ def _prepare_local(dataset: str, data_dir: str, source: str | None, overwrite: b
     return report
 
 
+def _prepared_report(builder) -> dict[str, dict]:
+    """The saved report of a prepared dataset (written from TFDS's counts if there is none)."""
+    report_path = epath.Path(builder.data_dir) / records.REPORT_FILE
+    if report_path.exists():
+        return json.loads(report_path.read_text())
+    return _write_report(builder)
+
+
 def _write_report(builder) -> dict[str, dict]:
     """The builder's per-split reports (with TFDS's example counts), saved in its folder."""
     report = {split: r.as_dict() for split, r in getattr(builder, "reports", {}).items()}
@@ -100,12 +128,8 @@ def _write_report(builder) -> dict[str, dict]:
 
 
 def format_counts(report: dict[str, dict]) -> str:
-    """The report as lines: per split, written and skipped by reason, with samples."""
-    split_reports = {}
-    for split, r in report.items():
-        split_report = records.SplitReport(written=r["written"], samples=r.get("samples", {}))
-        split_report.skipped.update(r.get("skipped", {}))
-        split_reports[split] = split_report
+    """The report as lines: per split, written, skipped and warnings by reason, with samples."""
+    split_reports = {split: records.SplitReport.from_dict(r) for split, r in report.items()}
     return records.format_report(split_reports)
 
 

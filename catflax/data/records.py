@@ -138,7 +138,8 @@ def read_long_captions(
     """Optional long captions for a split: `long_captions_{split}.jsonl` ({"key", "caption"}
     per line) and/or a folder `long_captions/{split}/{key}.txt` (the reference's layout).
     Bad lines (not UTF-8, not JSON, no key or caption) and undecodable .txt files are skipped,
-    logged with file:line and counted in `report` as bad_long_caption."""
+    logged with file:line and counted in `report` as a bad_long_caption warning (their examples
+    are still written, without a long caption)."""
     captions: dict[str, str] = {}
     path = os.path.join(source_dir, f"long_captions_{split}.jsonl")
     if os.path.isfile(path):
@@ -151,7 +152,7 @@ def read_long_captions(
                     item = json.loads(line)
                     captions[str(item["key"])] = str(item["caption"]).strip()
                 except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                    skip_line(report, "bad_long_caption", path, line_number, e)
+                    skip_line(report, "bad_long_caption", path, line_number, e, warning=True)
     folder = os.path.join(source_dir, "long_captions", split)
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
@@ -163,48 +164,83 @@ def read_long_captions(
                 except UnicodeDecodeError as e:
                     logging.warning("%s: bad_long_caption skipped: %s", file, e)
                     if report is not None:
-                        report.skip("bad_long_caption", f"{name} ({e})")
+                        report.warn("bad_long_caption", f"{name} ({e})")
     return captions
 
 
 def skip_line(
-    report: SplitReport | None, reason: str, path: str, line_number: int, detail: object
-) -> None:
+    report: SplitReport | None, reason: str, path: str, line_number: int, detail: object,
+    warning: bool = False,
+) -> None:  # fmt: skip
     """A bad line of a source file: logged as path:line and counted in `report` (if given) with
-    file:line (detail) as its sample."""
+    file:line (detail) as its sample, as a skipped example or, with `warning`, as a warning (a
+    line that cost no example)."""
     logging.warning("%s:%d: %s skipped: %s", path, line_number, reason, detail)
     if report is not None:
-        report.skip(reason, f"{os.path.basename(path)}:{line_number} ({detail})")
+        count = report.warn if warning else report.skip
+        count(reason, f"{os.path.basename(path)}:{line_number} ({detail})")
 
 
 @dataclasses.dataclass
 class SplitReport:
-    """What a builder did with one split's source: examples written, skipped and why."""
+    """What a builder did with one split's source: examples written, skipped and why, and
+    warnings: bad inputs that cost no example (a bad long-caption line)."""
 
     written: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    warnings: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     # A few offending items per reason (file names, annotation ids), for the user to look at.
     samples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def skip(self, reason: str, item: str, max_samples: int = 5) -> None:
+        """An example not written, and why."""
         self.skipped[reason] += 1
+        self._sample(reason, item, max_samples)
+
+    def warn(self, reason: str, item: str, max_samples: int = 5) -> None:
+        """A bad input that cost no example (its example is written without it)."""
+        self.warnings[reason] += 1
+        self._sample(reason, item, max_samples)
+
+    def _sample(self, reason: str, item: str, max_samples: int) -> None:
         examples = self.samples.setdefault(reason, [])
         if len(examples) < max_samples and item not in examples:
             examples.append(item)
 
     def as_dict(self) -> dict:
-        return {"written": self.written, "skipped": dict(self.skipped), "samples": self.samples}
+        return {
+            "written": self.written,
+            "skipped": dict(self.skipped),
+            "warnings": dict(self.warnings),
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, report: Mapping) -> SplitReport:
+        """The inverse of as_dict (reports saved before warnings were counted have none)."""
+        return cls(
+            written=report["written"],
+            skipped=collections.Counter(report.get("skipped", {})),
+            warnings=collections.Counter(report.get("warnings", {})),
+            samples=dict(report.get("samples", {})),
+        )
 
 
 def format_report(reports: Mapping[str, SplitReport]) -> str:
-    """Human-readable lines: per split, written and skipped counts by reason with samples."""
+    """Human-readable lines: per split, written and skipped counts by reason with samples, then
+    warnings (bad inputs that cost no example) the same way."""
     lines = []
     for split, report in reports.items():
-        total = sum(report.skipped.values())
-        lines.append(f"{split}: written {report.written}, skipped {total}")
-        for reason, count in sorted(report.skipped.items()):
-            samples = ", ".join(report.samples.get(reason, []))
-            lines.append(f"  {reason}: {count}" + (f" (e.g. {samples})" if samples else ""))
+        header = f"{split}: written {report.written}, skipped {sum(report.skipped.values())}"
+        if report.warnings:
+            header += f", warnings {sum(report.warnings.values())}"
+        lines.append(header)
+        for kind, counts in (("", report.skipped), ("warning: ", report.warnings)):
+            for reason, count in sorted(counts.items()):
+                samples = ", ".join(report.samples.get(reason, []))
+                lines.append(
+                    f"  {kind}{reason}: {count}" + (f" (e.g. {samples})" if samples else "")
+                )
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ are `catflax.models.clip`; the two projection matrices come from the same transf
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
@@ -155,16 +154,17 @@ class CLIPScorer:
         tokenizer_path: str | None = None, batch_size: int = 32,
     ) -> CLIPScorer:  # fmt: skip
         """Towers and projections from a transformers CLIPModel directory; the tokenizer from
-        `tokenizer_path`, else from the directory when it has one, else openai-clip's BPE."""
-        from catflax.tokenizer import load_tokenizer
+        `tokenizer_path`, else from the directory when it has one (`find_tokenizer_dir`: either
+        file set, here or in tokenizer/), else openai-clip's BPE."""
+        from catflax.tokenizer import find_tokenizer_dir, load_tokenizer
         from catflax.weights import io
 
         text = CLIPTextModel.from_pretrained(path, dtype=dtype, allow_pickle=allow_pickle)
         vision = CLIPVisionModel.from_pretrained(path, dtype=dtype, allow_pickle=allow_pickle)
         state = io.read_state_dict(path, allow_pickle=allow_pickle)
         projections = CLIPProjections.from_pretrained(path, dtype=dtype, state=state)
-        if tokenizer_path is None and os.path.isfile(os.path.join(path, "vocab.json")):
-            tokenizer_path = path
+        if tokenizer_path is None:
+            tokenizer_path = find_tokenizer_dir(path)
         model = CLIPWithProjections(text, vision, projections)
         return cls(model, load_tokenizer(tokenizer_path), batch_size)
 

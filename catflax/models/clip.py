@@ -63,6 +63,11 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+# Config fields that are settings, not parameter sizes: a from_pretrained keyword overrides the
+# file's value (as in transformers), and weights.clip need not repeat config.model's.
+# eos_token_id picks the pooled token; 2 (legacy transformers configs) pools at the largest id.
+NOT_SIZES = ("eos_token_id",)
+
 CLIP_VIT_L14_TEXT = CLIPTextConfig()
 CLIP_VIT_L14_VISION = CLIPVisionConfig()
 
@@ -82,8 +87,9 @@ def text_config_from_hf(
     hf: dict[str, Any], source: str = "config.json", **overrides
 ) -> CLIPTextConfig:
     """Our text config from a transformers CLIPTextConfig dict (or a CLIPConfig's text_config).
-    `overrides`: run-time fields (dtype, attention, ...) are free; a size field must repeat
-    the file's value; an unknown one is a TypeError naming `source`."""
+    `overrides`: run-time fields (dtype, attention, ...) and NOT_SIZES (eos_token_id) replace
+    the file's value; a size field must repeat it; an unknown one is a TypeError naming
+    `source`."""
     hf = {**_HF_TEXT_DEFAULTS, **hf.get("text_config", hf)}
     cfg = CLIPTextConfig(
         vocab_size=hf["vocab_size"],
@@ -120,12 +126,12 @@ def vision_config_from_hf(
 
 
 def _apply_overrides(cfg, overrides: dict, source: str):
-    """diffusers_format's rule for the UNet and VAE: run-time fields are free, a size field may
-    only repeat the file's value, an unknown one is named (imported here: that module imports
-    the UNet and VAE)."""
+    """diffusers_format's rule for the UNet and VAE: run-time fields and NOT_SIZES are free, a
+    size field may only repeat the file's value, an unknown one is named (imported here: that
+    module imports the UNet and VAE)."""
     from catflax.weights import diffusers_format
 
-    return diffusers_format._apply_overrides(cfg, overrides, source)
+    return diffusers_format._apply_overrides(cfg, overrides, source, free=NOT_SIZES)
 
 
 def _dtypes(cfg) -> dict[str, Any]:

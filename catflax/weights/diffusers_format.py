@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from catflax.models.unet import UNet, UNetConfig
@@ -90,8 +91,10 @@ def _check_fixed(hf: dict, fixed: dict, source: str) -> None:
             )
 
 
-def _apply_overrides(cfg, overrides: dict, source: str):
-    """Run-time fields are free; a size field may only repeat what the file says."""
+def _apply_overrides(cfg, overrides: dict, source: str, free: Iterable[str] = ()):
+    """Run-time fields and `free` ones (settings that are not sizes) override the file's value;
+    a size field may only repeat what the file says."""
+    not_sizes = {*RUNTIME_FIELDS, *free}
     fields = [f.name for f in dataclasses.fields(cfg)]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -99,7 +102,7 @@ def _apply_overrides(cfg, overrides: dict, source: str):
             f"{source}: unknown option(s) {unknown} for {type(cfg).__name__}; it takes {fields}"
         )
     for field, value in overrides.items():
-        if field not in RUNTIME_FIELDS and getattr(cfg, field) != value:
+        if field not in not_sizes and getattr(cfg, field) != value:
             raise io.WeightFileError(
                 f"{source}: {field} is {getattr(cfg, field)!r} in the file, but {value!r} was "
                 "asked for"

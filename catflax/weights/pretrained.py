@@ -9,6 +9,7 @@ import jax
 from absl import logging
 from flax import nnx
 
+from catflax.models import clip
 from catflax.models.cat import CATConfig, ConfigError
 from catflax.weights import io
 from catflax.weights.diffusers_format import RUNTIME_FIELDS
@@ -22,9 +23,10 @@ def _params(model) -> nnx.State:
     return nnx.state(model, nnx.Param)
 
 
-# Config fields that are run-time choices, not sizes; eos_token_id: transformers' legacy CLIP
-# configs say 2 (pool at the largest id), the same position as 49407 with the CLIP vocabulary.
-_NOT_SIZES = {*RUNTIME_FIELDS, "eos_token_id"}
+# Config fields that are not sizes: run-time choices and the CLIP settings a from_pretrained
+# keyword overrides (eos_token_id: transformers' legacy CLIP configs say 2, pooling at the
+# largest id, the same position as 49407 with the CLIP vocabulary).
+_NOT_SIZES = {*RUNTIME_FIELDS, *clip.NOT_SIZES}
 
 
 def _check_tower_sizes(folder: str, part: str, wanted, found) -> None:
@@ -58,7 +60,6 @@ def load_into(params: nnx.State, shardings, config) -> list[str]:
     - weights.pooling_vae: True replaces the VAE by catflax.weights.pooling_vae's fixed
                     block-average encoder / block-copy decoder (the demo's VAE).
     """
-    from catflax.models import clip
     from catflax.models.inpainter import SemanticInpainter
     from catflax.models.unet import UNet
     from catflax.models.vae import AutoencoderKL
