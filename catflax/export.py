@@ -24,15 +24,23 @@ from the latest earlier stage that did (the run's own merge), and the frozen par
 from the run's config.weights or, where it names none, the run's seeded initialisation. The run's
 config comes from the stage's last checkpoint, else RUN/config.json (written by catflax.main).
 `--ema`: the stage's own trained parts are their EMA (needs config.train.ema_decay > 0).
+
+The export is written beside OUT (a hidden staging folder, or file for the reference format) and
+takes OUT's place only once complete, so a failed export leaves an earlier one as it was;
+`check_out` lists the OUTs refused before anything loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import shutil
+import stat
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -192,9 +200,9 @@ def _stage_parts(workdir: str, stage: str, target: str, params, config, ema: boo
     return _restore_checkpoint_item(workdir, stage, like, "ema" if ema else "params", steps)
 
 
-def load_run(workdir: str, stage: str | None = None, *, ema: bool = False, mesh=None):
-    """(CATDiffusion with every parameter of `stage` (default: the last finished), the run's
-    config, notes on where each part came from)."""
+def resolve_run(workdir: str, stage: str | None = None, *, ema: bool = False):
+    """(the stage to export: `stage`, default the last finished; the run's config), checked
+    to be exportable as asked, without loading any weights."""
     from catflax.train import loop, stages
 
     done = finished_stages(workdir)
@@ -216,6 +224,16 @@ def load_run(workdir: str, stage: str | None = None, *, ema: bool = False, mesh=
             f"--ema: the run trained without EMA (config.train.ema_decay = "
             f"{config.train.ema_decay}), so it has no EMA parameters; export without --ema"
         )
+    return stage, config
+
+
+def load_run(workdir: str, stage: str | None = None, *, ema: bool = False, mesh=None):
+    """(CATDiffusion with every parameter of `stage` (default: the last finished), the run's
+    config, notes on where each part came from)."""
+    from catflax.train import loop, stages
+
+    stage, config = resolve_run(workdir, stage, ema=ema)
+    done = finished_stages(workdir)
     mesh = mesh or export_mesh()
     graphdef, params, shardings = _abstract_params(config, mesh)
     try:
@@ -313,12 +331,19 @@ def write_catflax(model, out: str, *, tokenizer, resolution: int, sampling, dtyp
     pipe.save_pretrained(out)
 
 
+def reference_path(out: str) -> str:
+    """The file a reference export writes: `out` itself if it names a .safetensors file."""
+    return out if out.endswith(".safetensors") else os.path.join(out, REFERENCE_FILE)
+
+
 def write_reference(model, out: str, dtype: str) -> str:
+    """Writes the reference state dict to reference_path(out) atomically; returns that path."""
     from catflax.weights import io
 
-    path = out if out.endswith(".safetensors") else os.path.join(out, REFERENCE_FILE)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    io.write_safetensors(path, reference_state_dict(model, dtype), metadata={"format": "pt"})
+    path = reference_path(out)
+    tensors = reference_state_dict(model, dtype)
+    with staged_file(path) as tmp:
+        io.write_safetensors(tmp, tensors, metadata={"format": "pt"})
     return path
 
 
@@ -329,55 +354,164 @@ def write_diffusers(model, out: str, *, tokenizer, resolution: int, sampling, dt
                          sampling=sampling, dtype=dtype)  # fmt: skip
 
 
-def check_out(out: str, fmt: str) -> None:
-    """Refuses, before anything loads, an `out` the export would fail on or spoil: a file where
-    a folder goes, or (catflax format) a folder whose config.json is not a catflax pipeline's
-    (a training run's workdir, another model), which save_pretrained would refuse at the end."""
-    from catflax.weights import io, pipeline_format
+# ---------------------------------------------------------------------------------------------
+# Writing: into a staging folder (file) beside `out`, which replaces `out` only once complete
+# ---------------------------------------------------------------------------------------------
 
-    if fmt == "reference" and out.endswith(".safetensors"):
-        return
+
+def _new_mode(path: str, default: int) -> int:
+    """The permission bits of `path` if it exists, else `default` less the umask (what a plain
+    makedirs or open would give; mkdtemp and mkstemp make 0o700 and 0o600)."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return default & ~umask
+
+
+@contextlib.contextmanager
+def staged_dir(out: str) -> Iterator[str]:
+    """A fresh folder beside `out` to write into. On success it takes `out`'s place (an earlier
+    `out` is moved aside first and deleted after); on an error it is deleted and `out` stays as
+    it was."""
+    target = os.path.realpath(out)  # a link to a folder: the folder is replaced
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, _new_mode(target, 0o777))
+        if not os.path.isdir(target):
+            os.rename(staging, target)
+            return
+        old = staging + ".old"
+        os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_file(path: str) -> Iterator[str]:
+    """A temporary file name beside `path` to write into; on success that file replaces `path`
+    (os.replace), on an error it is deleted and `path` stays as it was."""
+    target = os.path.realpath(path)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.export-", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _new_mode(target, 0o666))
+        os.replace(tmp, target)
+    finally:
+        for leftover in (tmp, tmp + ".tmp"):  # io.write_safetensors writes NAME.tmp, renames it
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _export_marker(fmt: str) -> tuple[str, str, tuple[str, ...]]:
+    """(the file that says a folder is an export of `fmt`, its "format" value, every entry
+    such a folder holds) for the folder formats."""
+    from catflax.weights import diffusers_export, pipeline_format
+
+    if fmt == "catflax":
+        return "config.json", pipeline_format.FORMAT, pipeline_format.ENTRIES
+    return diffusers_export.CONFIG_FILE, diffusers_export.FORMAT, diffusers_export.ENTRIES
+
+
+def check_out(out: str, fmt: str) -> None:
+    """Refuses, before anything loads, an `out` the export would fail on or spoil: an object
+    store URL (the writers write local files), a file where a folder goes, a folder where the
+    reference file goes, or (catflax and diffusers formats, whose export replaces the whole
+    folder) a non-empty folder that is not an earlier export of the same format (a training
+    run's workdir, another model) or that holds other files beside one."""
+    from catflax import paths
+    from catflax.weights import io
+
+    if paths.is_remote(out):
+        raise ExportError(
+            f"--out={out}: export writes local files; export to a local folder, then copy it "
+            "there (gcloud storage cp -r DIR URL)"
+        )
+    if fmt == "reference":
+        path = reference_path(out)
+        if os.path.isdir(path):
+            raise ExportError(f"--out={out}: {path} is a directory, not a file")
+        if path == out:
+            return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out={out}: exists and is not a directory")
-    config = os.path.join(out, "config.json")
-    if fmt == "catflax" and os.path.isfile(config):
-        try:
-            ours = io.read_json(config).get("format") == pipeline_format.FORMAT
-        except (io.WeightFileError, AttributeError):
-            ours = False
-        if not ours:
-            raise ExportError(
-                f"--out={out}: {config} exists and is not a catflax pipeline config (a training "
-                "run's?); export to another folder"
-            )
+    if fmt == "reference" or not os.path.isdir(out) or not os.listdir(out):
+        return  # the reference file replaces only itself; a new or empty folder takes anything
+    marker, name, entries = _export_marker(fmt)
+    config = os.path.join(out, marker)
+    if not os.path.isfile(config):
+        raise ExportError(
+            f"--out={out}: not empty and not a {fmt} export (no {marker}); the export replaces "
+            "the whole folder, so export to a new or empty one"
+        )
+    try:
+        ours = io.read_json(config).get("format") == name
+    except (io.WeightFileError, AttributeError):
+        ours = False
+    if not ours:
+        what = "catflax pipeline config" if fmt == "catflax" else f"{fmt} export's config"
+        raise ExportError(
+            f"--out={out}: {config} exists and is not a {what} (a training run's?); export to "
+            "another folder"
+        )
+    # NAME.tmp: what an interrupted io.write_safetensors leaves (exports before staging)
+    others = sorted(n for n in os.listdir(out) if n.removesuffix(".tmp") not in entries)
+    if others:
+        raise ExportError(
+            f"--out={out}: holds {others} beside the {fmt} export; the export replaces the "
+            "whole folder, so move them out or export to another folder"
+        )
+
+
+def run_tokenizer(config):
+    """The run's CLIP tokenizer: config.weights.tokenizer ("": built from openai-clip's BPE)."""
+    from catflax.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(config.weights.get("tokenizer", "") or None)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"the run's tokenizer (config.weights.tokenizer) failed: {e}") from e
 
 
 def export_run(
     workdir: str, out: str, stage: str | None = None, fmt: str = "catflax", dtype: str = "fp32",
     ema: bool = False, report=print,
 ) -> list[str]:  # fmt: skip
-    """Exports `stage` of the run in WORKDIR to `out` in format `fmt`; returns the notes."""
-    from catflax.tokenizer import load_tokenizer
-
+    """Exports `stage` of the run in WORKDIR to `out` in format `fmt`; returns the notes. An
+    earlier export at `out` is replaced only once the new one is complete."""
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}: choose one of {list(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     dtype = DTYPES[dtype]
     check_out(out, fmt)
+    tokenizer = None
+    if fmt != "reference":  # the tokenizer before the weights: a bad folder fails in seconds
+        stage, config = resolve_run(workdir, stage, ema=ema)
+        tokenizer = run_tokenizer(config)
     model, config, notes = load_run(workdir, stage, ema=ema)
     for note in notes:
         report(f"export: {note}")
-    kwargs = dict(
-        tokenizer=load_tokenizer(config.weights.get("tokenizer", "") or None),
-        resolution=int(config.data.resolution), sampling=dict(config.sampling), dtype=dtype,
-    )  # fmt: skip
-    if fmt == "catflax":
-        write_catflax(model, out, **kwargs)
-    elif fmt == "reference":
-        out = write_reference(model, out, dtype)
+    if fmt == "reference":
+        out = write_reference(model, out, dtype)  # one file, replaced atomically
     else:
-        write_diffusers(model, out, **kwargs)
+        write = write_catflax if fmt == "catflax" else write_diffusers
+        with staged_dir(out) as staging:  # `out` is replaced only by a complete export
+            write(model, staging, tokenizer=tokenizer, resolution=int(config.data.resolution),
+                  sampling=dict(config.sampling), dtype=dtype)  # fmt: skip
     report(f"export: wrote {out} ({fmt}, {dtype})")
     return notes
 

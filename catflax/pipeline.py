@@ -99,13 +99,21 @@ def _generate(graphdef, state, inputs, guidance_scale, eta, *, num_steps, stocha
 def check_resolution(cfg: CATConfig, resolution: int) -> None:
     """Raises ValueError unless `resolution` is a positive multiple of the model's total
     downsampling (the VAE factor times the UNet's)."""
-    vae_factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
-    unet_factor = 2 ** (len(cfg.unet.block_out_channels) - 1)
+    vae_factor, unet_factor = cfg.vae.downsampling_factor, cfg.unet.downsampling_factor
     step = vae_factor * unet_factor
     if resolution <= 0 or resolution % step:
         raise ValueError(
             f"resolution={resolution} must be a positive multiple of {step} (VAE factor "
             f"{vae_factor} x UNet downsampling {unet_factor})"
+        )
+
+
+def check_tokenizer(cfg: CATConfig, tokenizer) -> None:
+    """Raises ValueError if the tokenizer has more tokens than the CLIP text tower embeds."""
+    if len(tokenizer) > cfg.clip_text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, the CLIP text tower only "
+            f"{cfg.clip_text.vocab_size}"
         )
 
 
@@ -139,12 +147,8 @@ class CATPipeline:
             )
         check_resolution(cfg, self.resolution)
         self.sizes = geometry.Sizes(self.resolution, vision.image_size, grid)
-        self.vae_factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
-        if len(self.tokenizer) > cfg.clip_text.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(self.tokenizer)} tokens, the CLIP text tower only "
-                f"{cfg.clip_text.vocab_size}"
-            )
+        self.vae_factor = cfg.vae.downsampling_factor
+        check_tokenizer(cfg, self.tokenizer)
         self.graphdef, self.state = nnx.split(model)
         self._empty_ids = self._tokenize([""])[0]
 
@@ -190,18 +194,19 @@ class CATPipeline:
             cfg = pipeline_format.with_overrides(CATConfig.from_dict(meta["model"]), over)
             res = resolution or meta["resolution"]
             check_resolution(cfg, res)
-            model = pipeline_format.load_directory(path, cfg)
-            tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
             where = f"{os.path.join(path, 'config.json')}: sampling"
             sampling = sampling_config(meta.get("sampling") or {}, where)
+            tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))  # before the weights
+            check_tokenizer(cfg, tokenizer)
+            model = pipeline_format.load_directory(path, cfg)
             return cls(model, tokenizer, resolution=res, sampling=sampling)
         if config is not None and not isinstance(config, CATConfig):
             config = CATConfig.from_dict(config)
         cfg = pipeline_format.with_overrides(config or CATConfig(), over)
         check_resolution(cfg, resolution or 512)
+        tokenizer = load_tokenizer(_tokenizer_dir(clip_path))  # before the weights
         state = io.read_state_dict(path, allow_pickle=allow_pickle)
         model = _load_checkpoint(path, state, cfg, clip_path, over, allow_pickle)
-        tokenizer = load_tokenizer(_tokenizer_dir(clip_path))
         return cls(model, tokenizer, resolution=resolution or 512)
 
     def save_pretrained(self, path: str) -> None:

@@ -30,7 +30,7 @@ from catflax.pipeline import CATPipeline
 from catflax.train import loop, optim
 from catflax.train.checkpoint import Checkpointer
 from catflax.train.steps import create_state
-from catflax.weights import convert, diffusers_export, io, ldm
+from catflax.weights import convert, diffusers_export, io, ldm, pipeline_format
 
 STEPS = 2  # per stage, as in the saved config
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -433,6 +433,11 @@ def test_an_out_that_is_a_training_workdir_is_refused_before_loading(tmp_path, m
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
+    mixed = tmp_path / "mixed"  # an earlier export with the user's own file in it
+    mixed.mkdir()
+    (mixed / "config.json").write_text('{"format": "catflax-pipeline"}')
+    (mixed / "unet.safetensors.tmp").write_text("x")  # what an interrupted write left: replaced
+    (mixed / "notes.txt").write_text("mine")
     for out, fmt, message in (
         (workdir, "catflax", f"--out={workdir}: {workdir / 'config.json'} exists and is not a "
          "catflax pipeline config"),
@@ -440,15 +445,93 @@ def test_an_out_that_is_a_training_workdir_is_refused_before_loading(tmp_path, m
         (tmp_path / "file", "diffusers", f"--out={tmp_path / 'file'}: exists and is not a "
          "directory"),
         (tmp_path / "file", "reference", "exists and is not a directory"),
+        (workdir, "diffusers", f"--out={workdir}: not empty and not a diffusers export (no "
+         "cat_config.json)"),
+        (mixed, "catflax", f"--out={mixed}: holds ['notes.txt'] beside the catflax export"),
+        (workdir / "x.safetensors", "reference", "x.safetensors is a directory"),
+        ("gs://bucket/export", "catflax", "export writes local files"),
     ):  # fmt: skip
+        if str(out).endswith("x.safetensors"):
+            out.mkdir(exist_ok=True)
         argv = [f"--workdir={workdir}", f"--out={out}", f"--format={fmt}"]
         assert export.main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("export: ") and message in err, err
         assert err.count("\n") == 1 and "Traceback" not in err  # one line
     assert json.loads((workdir / "config.json").read_text()) == {"seed": 0}
-    # The other formats may write into a run's folder; the reference file may be named.
+    assert (mixed / "notes.txt").read_text() == "mine"
+    # The reference file replaces only itself: it may go into any folder, or be named.
     with pytest.raises(AssertionError, match="loaded before"):
-        export.export_run(str(workdir), str(workdir), fmt="diffusers")
+        export.export_run(str(workdir), str(workdir), fmt="reference")
     with pytest.raises(AssertionError, match="loaded before"):
         export.export_run(str(workdir), str(tmp_path / "file.safetensors"), fmt="reference")
+    (mixed / "notes.txt").unlink()
+    for out, fmt in ((mixed, "catflax"), (tmp_path / "new", "diffusers"), (broken, "reference")):
+        export.check_out(str(out), fmt)  # accepted
+
+
+def test_a_bad_tokenizer_is_refused_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    def load_run(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer")
+
+    monkeypatch.setattr(export, "load_run", load_run)
+    workdir, tokenizer = tmp_path / "run", tmp_path / "tokenizer"
+    (workdir / "1a" / "final" / "params").mkdir(parents=True)  # a finished stage
+    tokenizer.mkdir()  # empty
+    (workdir / "config.json").write_text(json.dumps({"weights": {"tokenizer": str(tokenizer)}}))
+    for fmt in ("catflax", "diffusers"):
+        argv = [f"--workdir={workdir}", f"--out={tmp_path / 'out'}", f"--format={fmt}"]
+        assert export.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("export: the run's tokenizer (config.weights.tokenizer) failed: "
+                              f"{tokenizer}: no CLIP tokenizer files"), err  # fmt: skip
+        assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_replaces_an_earlier_one_only_once_complete(run, final, tmp_path, monkeypatch):
+    """Over an earlier export, a write that fails midway leaves it byte for byte as it was and
+    nothing beside it (no staging folder or file); a complete export replaces it."""
+    workdir, config, _, _ = run
+    monkeypatch.setattr(export, "load_run", lambda *args, **kwargs: (final[0], config, []))
+    write_safetensors = io.write_safetensors
+
+    def failing_at(n: int):
+        calls = []
+
+        def write(path, tensors, metadata=None):
+            calls.append(path)
+            if len(calls) == n:
+                with open(path, "wb") as f:
+                    f.write(b"half a file")
+                raise OSError("disk full")
+            write_safetensors(path, tensors, metadata)
+
+        return write
+
+    def files(root) -> dict[str, bytes]:
+        if root.is_file():
+            return {root.name: root.read_bytes()}
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    for fmt, out, entries in (
+        ("catflax", tmp_path / "a" / "out", pipeline_format.ENTRIES),
+        ("diffusers", tmp_path / "b" / "out", diffusers_export.ENTRIES),
+        ("reference", tmp_path / "c" / "out.safetensors", ()),
+    ):
+        export.export_run(workdir, str(out), fmt=fmt, report=lambda _: None)
+        if entries:  # every entry the format lists, and nothing else
+            assert sorted(os.listdir(out)) == sorted(entries), fmt
+            (out / "inpainter.safetensors.tmp").write_bytes(b"debris")  # goes with the folder
+        before, inode = files(out), out.stat().st_ino
+        monkeypatch.setattr(io, "write_safetensors", failing_at(1 if fmt == "reference" else 3))
+        with pytest.raises(OSError, match="disk full"):
+            export.export_run(workdir, str(out), fmt=fmt, report=lambda _: None)
+        monkeypatch.setattr(io, "write_safetensors", write_safetensors)
+        assert files(out) == before and out.stat().st_ino == inode, fmt
+        assert os.listdir(out.parent) == [out.name], fmt  # no staging folder or file
+        export.export_run(workdir, str(out), fmt=fmt, report=lambda _: None)
+        assert os.listdir(out.parent) == [out.name], fmt
+        assert out.stat().st_ino != inode, fmt
+        if entries:
+            assert sorted(os.listdir(out)) == sorted(entries), fmt

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -538,6 +539,25 @@ def test_bad_resolution_is_refused_before_the_weights_load(saved, tmp_path, monk
         checkpoint.write_bytes(b"")  # never read
         with pytest.raises(ValueError, match=message):
             CATPipeline.from_pretrained(str(checkpoint), config=CFG, resolution=bad)
+
+
+def test_a_bad_tokenizer_is_refused_before_the_weights_load(saved, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the tokenizer")
+
+    monkeypatch.setattr(pipeline_format, "load_directory", no_loading)
+    monkeypatch.setattr(io, "read_state_dict", no_loading)
+    folder = tmp_path / "pipeline"
+    (folder / "tokenizer").mkdir(parents=True)  # empty
+    (folder / "config.json").write_bytes((Path(saved) / "config.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match=f"{folder / 'tokenizer'}: no CLIP tokenizer"):
+        CATPipeline.from_pretrained(str(folder))
+    checkpoint = tmp_path / "cat.safetensors"
+    checkpoint.write_bytes(b"")  # never read
+    with pytest.raises(FileNotFoundError, match=f"{folder / 'tokenizer'}: no CLIP tokenizer"):
+        CATPipeline.from_pretrained(
+            str(checkpoint), clip_path=str(folder / "tokenizer"), config=CFG, resolution=RES
+        )
 
 
 def test_package_import_does_not_import_jax():

@@ -78,6 +78,11 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Input side / side of the coarsest level: each down level but the last halves it."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 SD15_INPAINTING_UNET = UNetConfig(ref_adapter=False)
 CAT_UNET = UNetConfig()
@@ -302,7 +307,7 @@ class UNet(nnx.Module):
         if not cfg.ref_adapter and ref_tokens_BRE is not None:
             raise ValueError("ref_tokens given, but this UNet has no adapter (ref_adapter=False)")
         B, H, W, _ = sample_BHWC.shape
-        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        factor = cfg.downsampling_factor
         if H % factor or W % factor:
             raise ValueError(f"sample size {H}x{W} must be a multiple of {factor}")
         compute = jnp.dtype(cfg.dtype)

@@ -58,6 +58,11 @@ class VAEConfig:
                 f"block_out_channels {bad} not divisible by norm_num_groups {self.norm_num_groups}"
             )
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Image side / latent side: each level after the first halves it (SD-1.5's: 8)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 SD15_VAE = VAEConfig()
 

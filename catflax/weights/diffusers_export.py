@@ -29,6 +29,8 @@ FORMAT, FORMAT_VERSION = "catflax-diffusers", 1
 ADAPTER_FILE, INPAINTER_FILE, CONFIG_FILE = (
     "unet_adapter.safetensors", "inpainter.safetensors", "cat_config.json",
 )  # fmt: skip
+FOLDERS = ("unet", "vae", "text_encoder", "image_encoder", "tokenizer", "scheduler")
+ENTRIES = (*FOLDERS, ADAPTER_FILE, INPAINTER_FILE, CONFIG_FILE)  # what `out` holds: nothing else
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 _DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose config layout this is
@@ -134,12 +136,12 @@ def write_diffusers_dirs(model, out: str, *, tokenizer, resolution: int, samplin
     from catflax.weights import convert, io
 
     cfg = model.config
-    vae_factor = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    latent_size = resolution // cfg.vae.downsampling_factor
     export = lambda module, rename=None: _cast(convert.export_state_dict(module, rename), dtype)  # noqa: E731
     unet, adapter = split_adapter(export(model.unet))
     vision_rename = lambda k: k.replace("pre_layernorm", "pre_layrnorm")  # noqa: E731
     directories = (  # (folder, config, weights file, tensors)
-        ("unet", unet_config_to_diffusers(cfg.unet, resolution // vae_factor), DIFFUSERS_WEIGHTS,
+        ("unet", unet_config_to_diffusers(cfg.unet, latent_size), DIFFUSERS_WEIGHTS,
          unet),
         ("vae", vae_config_to_diffusers(cfg.vae, resolution), DIFFUSERS_WEIGHTS,
          export(model.vae)),

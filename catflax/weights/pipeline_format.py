@@ -30,6 +30,7 @@ from catflax.weights import convert, io
 
 FORMAT, FORMAT_VERSION = "catflax-pipeline", 1
 COMPONENTS = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
+ENTRIES = ("config.json", *(f"{n}.safetensors" for n in COMPONENTS), "tokenizer")  # and no other
 _VISION_NAME = ("pre_layernorm", "pre_layrnorm")  # ours -> transformers' spelling
 
 
