@@ -1,6 +1,7 @@
 """Test setup: every test sees 8 fake CPU devices (set before jax is imported)."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -10,10 +11,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, inherited by the `catflax.main` subprocesses
-# the run tests start: they compile the same tiny models again and again.
+# One persistent compilation cache for the session, made by the first pytest process and
+# inherited by the xdist workers and the `catflax.main` subprocesses the run tests start (they
+# compile the same tiny models again and again); removed when that process ends (~80 MB).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="catflax-jax-cache-")
+    os.environ["CATFLAX_TEST_CACHE_OWNER"] = str(os.getpid())
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
     # A size limit turns on the cache's file lock: tests run in parallel (pytest -n 2) and the
@@ -25,6 +28,11 @@ import jax
 import catflax  # noqa: F401  (applies catflax's XLA:CPU flag defaults before jax starts)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("CATFLAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

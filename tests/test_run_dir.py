@@ -8,7 +8,9 @@ this cannot stand in for.
 
 import json
 import os
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,7 +140,8 @@ def test_mfu_divides_per_device_flops_by_one_device_peak(tmp_path, monkeypatch):
     config.train.peak_flops_per_device = 1e12
     writer = MetricWriter(str(tmp_path / "tensorboard"), total_steps=10, stage="2b")
     metrics = {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(2.0)}
-    monkeypatch.setattr(loop.time, "time", lambda: 102.0)
+    # loop's own `time` only: freezing time.time itself stalls tensorboardX's writer thread.
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: 102.0))
     values = loop._report((3, metrics, 0), writer, config, config.stage_2b, 16, 5e11, 100.0)
     writer.close()
     assert values["step_time_s"] == 2.0 and values["mfu"] == pytest.approx(0.25)
@@ -176,6 +179,31 @@ def test_a_resume_with_a_changed_data_stream_is_warned_about(tmp_path, caplog):
     assert [r.getMessage().split(" was ")[0] for r in caplog.records] == [
         "stage 1b: config.seed", "stage 1b: config.train.batch_size"
     ]  # fmt: skip
+
+
+def test_a_checkpoint_restores_into_an_abstract_state(tmp_path):
+    """A resume frees the fresh state and restores into its shapes, dtypes and shardings only
+    (no second train state on the devices): sharded arrays and typed PRNG keys come back."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from catflax.train.checkpoint import Checkpointer, abstract_state
+
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    w = jax.device_put(jnp.arange(16.0).reshape(8, 2), NamedSharding(mesh, P("fsdp")))
+    state = {"w": w, "rng": jax.random.key(3), "step": jnp.int32(5)}
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt.save(5, state)
+    like = abstract_state(state)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(like))
+    step, restored = ckpt.restore(like)
+    ckpt.close()
+    assert step == 5 and restored["w"].sharding == w.sharding
+    np.testing.assert_array_equal(restored["w"], w)
+    assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                  jax.random.key_data(state["rng"]))  # fmt: skip
+    assert int(restored["step"]) == 5
 
 
 def test_a_stage_whose_earlier_stages_did_not_run_is_warned_about(tmp_path, caplog):

@@ -34,7 +34,8 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None):
-        """Restores into the structure and shardings of `abstract_state`; returns (step, state)."""
+        """Restores into the structure and shardings of `abstract_state` (arrays or
+        `abstract_state(...)`); returns (step, state)."""
         import grain
 
         step = self.latest_step() if step is None else step
@@ -71,13 +72,30 @@ class Checkpointer:
         self.manager.close()
 
 
+def abstract_state(state: Any) -> Any:
+    """The shapes, dtypes and shardings of `state`: what `restore` needs. Restoring into this
+    (and dropping the state first) keeps one train state on the devices, not two."""
+    return jax.tree.map(_abstract, state)
+
+
 def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key
+    )
+
+
+def _key_data(x):
+    if not _is_key(x):
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return jax.random.key_data(x)
 
 
 def _storable(tree):
     """Typed PRNG keys are stored as their raw key data."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    return jax.tree.map(_key_data, tree)
 
 
 def _unstorable(tree, like):
@@ -87,6 +105,8 @@ def _unstorable(tree, like):
 
 
 def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return ocp.utils.to_shape_dtype_struct(x)

@@ -30,7 +30,7 @@ from catflax.models.cat import CATConfig, CATDiffusion
 from catflax.models.rngs import abstract_module
 from catflax.models.rngs import rngs as model_rngs
 from catflax.train import optim, resume_checks, stages
-from catflax.train.checkpoint import Checkpointer
+from catflax.train.checkpoint import Checkpointer, abstract_state
 from catflax.train.metrics import MetricWriter, peak_flops_per_device
 from catflax.train.samples import write_sample_grid
 from catflax.train.steps import (
@@ -214,21 +214,21 @@ def run_stage(
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     restore_data = config.train.get("restore_data", True)
+    start_step = 0
     if latest is not None:
         saved = ckpt.saved_config(latest)
         resume_checks.check_resumable(saved, config, stage, ckpt.data_files(latest))
         if restore_data:
             resume_checks.warn_data_changes(saved, config, stage)
-    start_step, restored = ckpt.restore(state, data_iter.checkpointable() if restore_data else None)
-    if restored is not None:
-        state = restored
+        like = abstract_state(state)  # the fresh state's layout; freed before the restore
+        del state
+        start_step, state = ckpt.restore(like, data_iter.checkpointable() if restore_data else None)
         logging.info("stage %s: resumed at step %d", stage, start_step)
         if not restore_data:
             logging.warning(
                 "stage %s: train.restore_data=False: the data stream starts afresh (examples "
                 "seen before step %d may come again)", stage, start_step,
             )  # fmt: skip
-    start_step = start_step or 0
     if start_step >= scfg.steps:  # stopped after its last checkpoint, before the final save
         ckpt.close()
         save_final(workdir, stage, _handed_over(state, config))
