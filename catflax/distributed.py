@@ -1,10 +1,16 @@
 """Multi-host start-up: `initialize_distributed()` first thing in main, before any other JAX call.
 
-Where it runs, and what it does there (first match wins):
+Where it runs, and what it does there (first match wins; Open MPI before SLURM, as in JAX):
 - `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` all set: those.
-- a SLURM task (`SLURM_JOB_ID`, `SLURM_NTASKS`, `SLURM_PROCID`): process count and id from SLURM,
-  the coordinator from `JAX_COORDINATOR_ADDRESS` or the job's first node; with several tasks per
-  node each task drives the GPU numbered `SLURM_LOCALID`.
+- a process started by Open MPI's `mpirun` (`OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_RANK`): the
+  coordinator from `JAX_COORDINATOR_ADDRESS` or, as in JAX, mpirun's host.
+- a torchrun-style launch (`WORLD_SIZE`, `RANK`): the coordinator from `JAX_COORDINATOR_ADDRESS`
+  or `MASTER_ADDR`, on port `MASTER_PORT` + 1 (torchrun's own store holds `MASTER_PORT`).
+- an srun task (`SLURM_JOB_ID`, `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_STEP_NODELIST`): the
+  coordinator from `JAX_COORDINATOR_ADDRESS` or the step's first node. A job's batch shell is one
+  process (it has no `SLURM_STEP_NODELIST`).
+- with several processes per host under those launchers, each drives the GPU numbered by its
+  local rank, unless it sees exactly one.
 - a Cloud TPU VM of a multi-host slice (GKE's `TPU_WORKER_HOSTNAMES`, or the VM's metadata):
   `jax.distributed.initialize()` finds the other workers itself.
 - anything else is a single process: nothing to do.
@@ -22,8 +28,8 @@ from collections.abc import Callable, Mapping
 
 from absl import logging
 
-# Same default as JAX's own SLURM detection, so both pick one port: 61440 + job id % 4096.
-_SLURM_PORT_BASE = 65535 - 2**12 + 1
+# JAX's own SLURM and Open MPI detection pick a port in [61440, 65535] from the job id; so do we.
+_PORT_BASE = 65535 - 2**12 + 1
 _GCE_METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
 
 
@@ -33,7 +39,8 @@ class ClusterConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ClusterPlan:
-    """How to start JAX here: `source` is "single", "env", "slurm" or "tpu"."""
+    """How to start JAX here: `source` is "single", "env", "openmpi", "torchrun", "slurm" or
+    "tpu"."""
 
     source: str
     num_processes: int = 1
@@ -58,11 +65,26 @@ class ProcessInfo:
 
 
 def _int_var(environ: Mapping[str, str], name: str) -> int:
+    if name not in environ:
+        raise ClusterConfigError(f"{name} is not set")
     value = environ[name]
     try:
         return int(value)
     except ValueError:
         raise ClusterConfigError(f"{name}={value!r} is not an integer") from None
+
+
+def _count_and_id(environ: Mapping[str, str], count_var: str, id_var: str) -> tuple[int, int]:
+    count, process_id = _int_var(environ, count_var), _int_var(environ, id_var)
+    if not 0 <= process_id < count:
+        raise ClusterConfigError(f"{id_var}={process_id} is not in [0, {count_var}={count})")
+    return count, process_id
+
+
+def _check_address(name: str, address: str) -> str:
+    if not re.fullmatch(r"\S+:\d+", address):
+        raise ClusterConfigError(f"{name}={address!r} is not HOST:PORT")
+    return address
 
 
 def slurm_first_host(nodelist: str) -> str:
@@ -92,35 +114,96 @@ def _tasks_per_node(environ: Mapping[str, str]) -> int:
     return 1
 
 
-def _slurm_plan(environ: Mapping[str, str]) -> ClusterPlan:
-    num_processes = _int_var(environ, "SLURM_NTASKS")
-    process_id = _int_var(environ, "SLURM_PROCID")
-    if "JAX_NUM_PROCESSES" in environ:
-        num_processes = _int_var(environ, "JAX_NUM_PROCESSES")
-    if "JAX_PROCESS_ID" in environ:
-        process_id = _int_var(environ, "JAX_PROCESS_ID")
-    if num_processes <= 1:
-        return ClusterPlan("single")
-    coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
-    if not coordinator:
-        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-        host = slurm_first_host(nodelist) if nodelist else environ.get("SLURM_LAUNCH_NODE_IPADDR")
-        if not host:
+def _launcher_plan(
+    environ: Mapping[str, str],
+    source: str,
+    count_var: str,
+    id_var: str,
+    coordinator: Callable[[], str],
+    local_id_var: str,
+    per_host: int,
+) -> ClusterPlan:
+    """A plan from a launcher's process count and id; JAX_NUM_PROCESSES / JAX_PROCESS_ID, where
+    set, must agree with them; the coordinator is JAX_COORDINATOR_ADDRESS, else `coordinator()`."""
+    count, process_id = _count_and_id(environ, count_var, id_var)
+    for jax_var, var, value in (("JAX_NUM_PROCESSES", count_var, count),
+                                ("JAX_PROCESS_ID", id_var, process_id)):  # fmt: skip
+        if environ.get(jax_var) and _int_var(environ, jax_var) != value:
             raise ClusterConfigError(
-                "SLURM task with no SLURM_JOB_NODELIST, SLURM_STEP_NODELIST or "
-                "SLURM_LAUNCH_NODE_IPADDR: set JAX_COORDINATOR_ADDRESS=host:port"
+                f"{jax_var}={environ[jax_var]} but {var}={value} ({source}): unset {jax_var}"
             )
-        port = environ.get("JAX_COORDINATOR_PORT") or str(
-            _SLURM_PORT_BASE + _int_var(environ, "SLURM_JOB_ID") % 2**12
-        )
-        coordinator = f"{host}:{port}"
+    if count == 1:
+        return ClusterPlan("single")
+    address = environ.get("JAX_COORDINATOR_ADDRESS")
+    address = _check_address("JAX_COORDINATOR_ADDRESS", address) if address else coordinator()
     local_device_ids = None
     visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
-    if _tasks_per_node(environ) > 1 and "SLURM_LOCALID" in environ and len(visible) != 1:
-        # Several processes share the node's GPUs: each takes one. (With --gpus-per-task=1
-        # SLURM already hides the others, and the one visible GPU is local device 0.)
-        local_device_ids = (_int_var(environ, "SLURM_LOCALID"),)
-    return ClusterPlan("slurm", num_processes, process_id, coordinator, local_device_ids)
+    if per_host > 1 and local_id_var in environ and len(visible) != 1:
+        # Several processes share the host's GPUs: each takes one. (With one GPU per task, e.g.
+        # SLURM's --gpus-per-task=1, the others are hidden already: local device 0 is its own.)
+        local_device_ids = (_int_var(environ, local_id_var),)
+    return ClusterPlan(source, count, process_id, address, local_device_ids)
+
+
+def _port(environ: Mapping[str, str], default: int) -> str:
+    return environ.get("JAX_COORDINATOR_PORT") or str(default)
+
+
+def _openmpi_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
+    if "OMPI_COMM_WORLD_SIZE" not in environ:
+        return None
+
+    def coordinator() -> str:  # as JAX's OmpiCluster: mpirun's host, a port from its job id
+        uri = environ.get("OMPI_MCA_orte_hnp_uri", "")
+        match = re.search(r"tcp://(.+?)[,:]|tcp6://\[(.+?)[,\]]", uri)
+        job = uri.split(".", 1)[0]
+        if not match or not job.isdigit():
+            raise ClusterConfigError(
+                f"started by mpirun, but OMPI_MCA_orte_hnp_uri={uri!r} names no launcher "
+                "address (Open MPI 5 sets none): set JAX_COORDINATOR_ADDRESS=host:port, "
+                "on the host of rank 0"
+            )
+        host = match.group(1) or f"[{match.group(2)}]"
+        return f"{host}:{_port(environ, _PORT_BASE + int(job) // 2**12 % 2**12)}"
+
+    local = environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    per_host = _int_var(environ, "OMPI_COMM_WORLD_LOCAL_SIZE") if local else 1
+    return _launcher_plan(environ, "openmpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                          coordinator, "OMPI_COMM_WORLD_LOCAL_RANK", per_host)  # fmt: skip
+
+
+def _torchrun_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
+    if "WORLD_SIZE" not in environ or "RANK" not in environ:
+        return None
+
+    def coordinator() -> str:
+        if not environ.get("MASTER_ADDR") or not environ.get("MASTER_PORT"):
+            raise ClusterConfigError(
+                "WORLD_SIZE and RANK set (torchrun-style) but not MASTER_ADDR and MASTER_PORT: "
+                "set JAX_COORDINATOR_ADDRESS=host:port, on the host of RANK 0"
+            )
+        # torchrun's own store listens on MASTER_PORT: the JAX coordinator takes the next one
+        return f"{environ['MASTER_ADDR']}:{_port(environ, _int_var(environ, 'MASTER_PORT') + 1)}"
+
+    local = environ.get("LOCAL_WORLD_SIZE")
+    per_host = _int_var(environ, "LOCAL_WORLD_SIZE") if local else 1
+    return _launcher_plan(environ, "torchrun", "WORLD_SIZE", "RANK", coordinator, "LOCAL_RANK",
+                          per_host)  # fmt: skip
+
+
+def _slurm_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
+    # SLURM_STEP_NODELIST: an srun task. The job's batch shell has the job's SLURM_NTASKS and
+    # SLURM_PROCID=0 too, but is one process (JAX's SLURM detection draws the same line).
+    if not all(name in environ for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",
+                                            "SLURM_STEP_NODELIST")):  # fmt: skip
+        return None
+
+    def coordinator() -> str:  # as JAX's SlurmCluster: the step's first node
+        host = slurm_first_host(environ["SLURM_STEP_NODELIST"])
+        return f"{host}:{_port(environ, _PORT_BASE + _int_var(environ, 'SLURM_JOB_ID') % 2**12)}"
+
+    return _launcher_plan(environ, "slurm", "SLURM_NTASKS", "SLURM_PROCID", coordinator,
+                          "SLURM_LOCALID", _tasks_per_node(environ))  # fmt: skip
 
 
 def tpu_workers_from_env(environ: Mapping[str, str]) -> int | None:
@@ -159,21 +242,27 @@ def plan_cluster(
     jax_vars = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
     present = [name for name in jax_vars if environ.get(name)]
     if len(present) == len(jax_vars):
-        num_processes = _int_var(environ, "JAX_NUM_PROCESSES")
-        process_id = _int_var(environ, "JAX_PROCESS_ID")
-        if not 0 <= process_id < num_processes:
-            raise ClusterConfigError(
-                f"JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES={num_processes})"
-            )
-        if num_processes == 1:
+        count, process_id = _count_and_id(environ, "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+        if count == 1:
             return ClusterPlan("single")
-        return ClusterPlan("env", num_processes, process_id, environ["JAX_COORDINATOR_ADDRESS"])
-    if all(name in environ for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")):
-        return _slurm_plan(environ)
+        address = _check_address("JAX_COORDINATOR_ADDRESS", environ["JAX_COORDINATOR_ADDRESS"])
+        return ClusterPlan("env", count, process_id, address)
+    # Open MPI and torchrun before SLURM: run inside a SLURM job, their processes also see the
+    # variables of the srun step that started their launcher (one task per node).
+    for launcher_plan in (_openmpi_plan, _torchrun_plan, _slurm_plan):
+        if (plan := launcher_plan(environ)) is not None:
+            return plan
     if present:
         missing = [name for name in jax_vars if name not in present]
         raise ClusterConfigError(
-            f"{', '.join(present)} set but not {', '.join(missing)} (and not a SLURM task)"
+            f"{', '.join(present)} set but not {', '.join(missing)} (and not started by srun, "
+            "mpirun or torchrun)"
+        )
+    if environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_JOB_ID" in environ:
+        logging.warning(
+            "catflax: SLURM_NTASKS=%s, but this is the job's batch shell, not an srun task: one "
+            "process (start one per task with srun, e.g. launch/gpu/slurm.sbatch)",
+            environ["SLURM_NTASKS"],
         )
     workers = tpu_workers_from_env(environ)
     if workers is None:
@@ -186,8 +275,12 @@ def plan_cluster(
 TIMEOUT_VAR = "CATFLAX_DISTRIBUTED_TIMEOUT_S"  # seconds to wait for every process to join
 _PLAN_SOURCES = {
     "env": "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID",
+    "openmpi": "OMPI_COMM_WORLD_SIZE and OMPI_COMM_WORLD_RANK; the coordinator from "
+    "JAX_COORDINATOR_ADDRESS or mpirun's host",
+    "torchrun": "WORLD_SIZE and RANK; the coordinator from JAX_COORDINATOR_ADDRESS or "
+    "MASTER_ADDR, port MASTER_PORT + 1",
     "slurm": "SLURM_NTASKS and SLURM_PROCID; the coordinator from JAX_COORDINATOR_ADDRESS or the "
-    "job's first node",
+    "step's first node",
     "tpu": "the Cloud TPU slice's workers",
 }
 

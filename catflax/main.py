@@ -165,7 +165,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         return named[0] if named else " ".join(overrides or argv[1:])
 
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
+        # ml_collections defers a config file's load error to the config's first use: here.
+        getattr(_CONFIG.value, "lock", None)
+        return remaining
+    except OSError as e:  # "Failed loading config file ...\n  Attempted ...\n      [Errno 2] ..."
+        lines = str(e.__cause__ or e).strip().splitlines()
+        sys.exit(f"catflax: cannot load the config file: {lines[-1].strip()}")
     except (AttributeError, KeyError) as e:
         # ml_collections raises AttributeError(KeyError("'step'\nDid you mean \"steps\" ...")),
         # or a KeyError("Attribute <class 'int'>.deep does not exist ... lookup: a.b.deep").
@@ -203,7 +209,10 @@ def main(argv) -> None:
     from catflax import distributed
 
     logging.get_absl_handler().addFilter(_LibraryChatter())
-    distributed.initialize_distributed()  # before anything else touches devices
+    try:
+        distributed.initialize_distributed()  # before anything else touches devices
+    except distributed.ClusterConfigError as e:
+        sys.exit(f"catflax: {e}")
     config = _CONFIG.value
     workdir = _WORKDIR.value
     if not paths.is_remote(workdir):

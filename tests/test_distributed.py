@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax._src.clusters.ompi_cluster import OmpiCluster
 from jax._src.clusters.slurm_cluster import SlurmCluster
 
 from catflax import distributed
@@ -59,6 +60,14 @@ def test_one_process_is_single():
         (
             {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
             r"JAX_PROCESS_ID=2 is not in \[0, JAX_NUM_PROCESSES=2\)",
+        ),
+        (
+            {
+                "JAX_COORDINATOR_ADDRESS": "10.0.0.1",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": "0",
+            },
+            "JAX_COORDINATOR_ADDRESS='10.0.0.1' is not HOST:PORT",
         ),
     ],
 )
@@ -115,12 +124,21 @@ def test_slurm_coordinator_overrides():
     assert plan_cluster(env, must_not_ask).coordinator_address == "head:9999"
     env = slurm_env(JAX_COORDINATOR_PORT="4242")
     assert plan_cluster(env, must_not_ask).coordinator_address == "gpu003:4242"
-    env = slurm_env(SLURM_LAUNCH_NODE_IPADDR="10.1.2.3")
-    del env["SLURM_JOB_NODELIST"], env["SLURM_STEP_NODELIST"]
-    assert plan_cluster(env, must_not_ask).coordinator_address == "10.1.2.3:62674"
-    del env["SLURM_LAUNCH_NODE_IPADDR"]
-    with pytest.raises(ClusterConfigError, match="JAX_COORDINATOR_ADDRESS=host:port"):
-        plan_cluster(env, must_not_ask)
+    # the step's first node, not the job's: `srun -N2` in a larger job may skip the job's first
+    env = slurm_env(SLURM_JOB_NODELIST="gpu[001-004]", SLURM_STEP_NODELIST="gpu[003-004]")
+    assert plan_cluster(env, must_not_ask).coordinator_address == "gpu003:62674"
+    with pytest.raises(ClusterConfigError, match="JAX_COORDINATOR_ADDRESS='head' is not HOST"):
+        plan_cluster(slurm_env(JAX_COORDINATOR_ADDRESS="head"), must_not_ask)
+
+
+def test_slurm_batch_shell_is_one_process(caplog):
+    """A job's batch shell (or salloc's) has the job's SLURM_NTASKS and SLURM_PROCID=0 but no
+    step: `python -m catflax.main` run there is one process, as JAX's SLURM detection has it,
+    not process 0 of 16 waiting for 15 that never come."""
+    env = slurm_env(SLURM_PROCID="0", SLURM_LOCALID="0")
+    del env["SLURM_STEP_NODELIST"]
+    assert plan_cluster(env, no_tpu) == ClusterPlan("single")
+    assert "batch shell, not an srun task" in caplog.text
 
 
 def test_slurm_single_task_is_single():
@@ -131,6 +149,21 @@ def test_slurm_single_task_is_single():
 def test_slurm_bad_value_is_named():
     with pytest.raises(ClusterConfigError, match="SLURM_PROCID='x'"):
         plan_cluster(slurm_env(SLURM_PROCID="x"), must_not_ask)
+    with pytest.raises(
+        ClusterConfigError, match=r"SLURM_PROCID=16 is not in \[0, SLURM_NTASKS=16\)"
+    ):
+        plan_cluster(slurm_env(SLURM_PROCID="16"), must_not_ask)
+
+
+def test_a_process_count_or_id_that_contradicts_the_launcher_is_refused():
+    """JAX_NUM_PROCESSES / JAX_PROCESS_ID left in the environment (e.g. exported for an earlier
+    job) must agree with the launcher's: 8 of 16 tasks would otherwise form a group alone."""
+    with pytest.raises(ClusterConfigError, match="JAX_NUM_PROCESSES=8 but SLURM_NTASKS=16"):
+        plan_cluster(slurm_env(JAX_NUM_PROCESSES="8"), must_not_ask)
+    with pytest.raises(ClusterConfigError, match="JAX_PROCESS_ID=0 but SLURM_PROCID=9"):
+        plan_cluster(slurm_env(JAX_PROCESS_ID="0"), must_not_ask)
+    agreeing = slurm_env(JAX_NUM_PROCESSES="16", JAX_PROCESS_ID="9")
+    assert plan_cluster(agreeing, must_not_ask) == plan_cluster(slurm_env(), must_not_ask)
 
 
 @pytest.mark.parametrize(
@@ -150,6 +183,63 @@ def test_first_host_keeps_suffix():
     for bad in ("", "n[1-4"):
         with pytest.raises(ClusterConfigError, match="node list"):
             distributed.slurm_first_host(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Open MPI (mpirun) and torchrun-style launchers
+
+
+def ompi_env(**overrides: str) -> dict[str, str]:
+    env = {  # what mpirun -np 16 -npernode 8 gives rank 9
+        "OMPI_COMM_WORLD_SIZE": "16",
+        "OMPI_COMM_WORLD_RANK": "9",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+        "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911",
+    }
+    env.update(overrides)
+    return env
+
+
+def test_openmpi_matches_jax(monkeypatch):
+    """mpirun's processes were single ones before (each training alone into one workdir)."""
+    env = ompi_env()
+    plan = plan_cluster(env, must_not_ask)
+    assert plan == ClusterPlan("openmpi", 16, 9, "10.96.0.1:62624", (1,))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert OmpiCluster.is_env_present()
+    assert OmpiCluster.get_coordinator_address(None, None) == plan.coordinator_address
+    assert OmpiCluster.get_process_count() == plan.num_processes
+    assert OmpiCluster.get_process_id() == plan.process_id
+    assert (OmpiCluster.get_local_process_id(),) == plan.local_device_ids
+    # mpirun inside a SLURM job: the srun step that started mpirun's daemons is not the count
+    in_slurm = {**slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1"), **env}
+    assert plan_cluster(in_slurm, must_not_ask) == plan
+    # Open MPI 5 names no launcher address: JAX_COORDINATOR_ADDRESS then
+    del env["OMPI_MCA_orte_hnp_uri"]
+    with pytest.raises(ClusterConfigError, match="set JAX_COORDINATOR_ADDRESS=host:port"):
+        plan_cluster(env, must_not_ask)
+    env["JAX_COORDINATOR_ADDRESS"] = "node0:1234"
+    assert plan_cluster(env, must_not_ask).coordinator_address == "node0:1234"
+    one_per_host = ompi_env(OMPI_COMM_WORLD_LOCAL_SIZE="1", OMPI_COMM_WORLD_LOCAL_RANK="0")
+    assert plan_cluster(one_per_host, must_not_ask).local_device_ids is None
+    assert plan_cluster(ompi_env(OMPI_COMM_WORLD_SIZE="1", OMPI_COMM_WORLD_RANK="0"),
+                        must_not_ask) == ClusterPlan("single")  # fmt: skip
+
+
+def test_torchrun_style_variables():
+    env = {"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+           "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}  # fmt: skip
+    # torchrun's own store listens on MASTER_PORT: the coordinator takes the next port
+    assert plan_cluster(env, must_not_ask) == ClusterPlan("torchrun", 8, 5, "node0:29501", (1,))
+    port_set = {**env, "JAX_COORDINATOR_PORT": "7000"}
+    assert plan_cluster(port_set, must_not_ask).coordinator_address == "node0:7000"
+    del env["MASTER_ADDR"]
+    with pytest.raises(ClusterConfigError, match="not MASTER_ADDR and MASTER_PORT"):
+        plan_cluster(env, must_not_ask)
+    with pytest.raises(ClusterConfigError, match=r"RANK=8 is not in \[0, WORLD_SIZE=8\)"):
+        plan_cluster({**env, "RANK": "8"}, must_not_ask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +402,8 @@ def cluster_env(style: str, process_id: int, port: int) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "JAX_", "TPU_", "MEGASCALE_"))
+        if not k.startswith(("SLURM_", "JAX_", "TPU_", "MEGASCALE_", "OMPI_"))
+        and k not in ("WORLD_SIZE", "RANK")
     }
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -329,6 +420,7 @@ def cluster_env(style: str, process_id: int, port: int) -> dict[str, str]:
             SLURM_PROCID=str(process_id),
             SLURM_LOCALID=str(process_id),
             SLURM_JOB_NODELIST="localhost",
+            SLURM_STEP_NODELIST="localhost",
             SLURM_TASKS_PER_NODE="2",
             JAX_COORDINATOR_PORT=str(port),
         )

@@ -25,7 +25,10 @@ TARGET = ["--name", "cat1", "--zone", "us-central2-b"]
 
 def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CATFLAX_", "SLURM_", "XLA_FLAGS"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CATFLAX_", "SLURM_", "XLA_FLAGS", "JAX_COORDINATOR", "JAX_NUM_PROC"))
+        and k != "JAX_PROCESS_ID"
     }
     env.update(TMPDIR=str(tmp_path), **extra)
     return env
@@ -54,8 +57,8 @@ def tpu(tmp_path: Path, name: str, *args: str) -> list[list[str]]:
     return dry_run(tmp_path, f"launch/tpu/{name}.sh", *TARGET, *args)
 
 
-def fails(tmp_path: Path, script: str, *args: str, message: str) -> None:
-    result = launch(tmp_path, script, "--dry-run", *args)
+def fails(tmp_path: Path, script: str, *args: str, message: str, **env: str) -> None:
+    result = launch(tmp_path, script, "--dry-run", *args, **env)
     assert result.returncode == 2, result.stdout
     assert message in result.stderr, result.stderr
     assert result.stdout == ""
@@ -143,6 +146,17 @@ def test_delete_and_status(tmp_path):
     ]
     assert tpu(tmp_path, "status") == [[*queued, "describe", "cat1", zone]]
     assert tpu(tmp_path, "status", "--direct") == [[*vm, "describe", "cat1", zone]]
+
+
+def test_missing_gcloud_or_target_is_a_clear_error(tmp_path):
+    bin_dir = tmp_path / "bin"  # the tools the scripts use, but no gcloud
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "basename"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = launch(tmp_path, "launch/tpu/status.sh", *TARGET, PATH=str(bin_dir))
+    assert result.returncode == 2, result.stderr
+    assert "gcloud not found: install the Google Cloud CLI" in result.stderr
+    fails(tmp_path, "launch/tpu/stop.sh", "--zone", "z", message="(or CATFLAX_TPU_NAME;")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +307,9 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
             [shell, "-c", command], env=env, capture_output=True, text=True, timeout=30
         )
 
-    (run,) = tpu(tmp_path, "run", *RUN_ARGS, "--env", "RUN_TAG=a b", "--", "--config.seed=3")
+    # an override with quotes, $, backquotes, a comma, ; and * reaches catflax.main unchanged
+    nasty = """--config.data.prompt=it's $HOME "q" `echo hi`, a;b *"""
+    (run,) = tpu(tmp_path, "run", *RUN_ARGS, "--env", "RUN_TAG=a b", "--", "--config.seed=3", nasty)
     (logs,) = tpu(tmp_path, "logs", "--no-follow")
     (stop,) = tpu(tmp_path, "stop", "--grace", "5")
     started = worker(remote_command(run))
@@ -310,7 +326,7 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
             str(home / "catflax"),
             "a b",
             *["-m", "catflax.main", "--config=configs/coco.py"],
-            *["--workdir=gs://bucket/runs/coco", "--config.seed=3"],
+            *["--workdir=gs://bucket/runs/coco", "--config.seed=3", nasty],
         ]
         assert os.getpgid(pid) == pid  # the run leads its own process group
 
@@ -384,7 +400,7 @@ def test_gpu_one_host(tmp_path):
     from catflax.distributed import ClusterPlan, plan_cluster
 
     in_a_job = dict(SLURM_JOB_ID="55", SLURM_NTASKS="8", SLURM_PROCID="0", SLURM_LOCALID="0",
-                    SLURM_JOB_NODELIST="gpu001", SLURM_TASKS_PER_NODE="8")  # fmt: skip
+                    SLURM_STEP_NODELIST="gpu001", SLURM_TASKS_PER_NODE="8")  # fmt: skip
     assert plan_cluster(in_a_job, lambda: None).multi_process
     exports = dict(c[1].split("=", 1) for c in commands if c[0] == "export")
     jax_vars = {k: v for k, v in exports.items() if k.startswith("JAX_")}
@@ -394,6 +410,34 @@ def test_gpu_one_host(tmp_path):
     )
     assert f"'jax[cuda13]=={JAX_VERSION}'" in result.stdout
     assert "catflax.main" not in result.stdout
+    # srun starting it for each of several tasks would start as many lone runs on one workdir
+    args = ["--config", "configs/coco.py", "--workdir", "/data/runs/coco"]
+    fails(tmp_path, "launch/gpu/run_local.sh", *args, message="one of 8 srun tasks", **in_a_job)
+
+
+def test_gpu_several_hosts_without_slurm(tmp_path):
+    """A plain list of GPU hosts: the same command on each, with its own --process-id (or the
+    JAX_* variables; before, the script replaced those with one process on every host)."""
+    run_local = "launch/gpu/run_local.sh"
+    args = ["--config", "configs/coco.py", "--workdir", "gs://b/coco"]
+    hosts = ["--coordinator", "host0:1234", "--num-processes", "2"]
+    exports = lambda commands: {c[1].split("=")[0]: c[1].split("=", 1)[1]  # noqa: E731
+                                for c in commands if c[0] == "export"}  # fmt: skip
+    jax_vars = dict(JAX_COORDINATOR_ADDRESS="host0:1234", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+    for commands in (
+        dry_run(tmp_path, run_local, *args, *hosts, "--process-id", "1"),
+        dry_run(tmp_path, run_local, *args, **jax_vars),
+    ):
+        assert jax_vars.items() <= exports(commands).items()
+    from catflax.distributed import ClusterPlan, plan_cluster
+
+    assert plan_cluster(jax_vars, lambda: None) == ClusterPlan("env", 2, 1, "host0:1234")
+    fails(tmp_path, run_local, *args, *hosts, message="--process-id is missing")
+    fails(tmp_path, run_local, *args, "--process-id", "0", message="--coordinator, --num-processes")
+    too_far = [*hosts, "--process-id", "2"]
+    fails(tmp_path, run_local, *args, *too_far, message="--process-id wants a number from 0 to 1")
+    no_port = ["--coordinator", "host0", "--num-processes", "2", "--process-id", "0"]
+    fails(tmp_path, run_local, *args, *no_port, message="--coordinator wants HOST:PORT")
 
 
 def test_gpu_one_host_paths_environment_and_signals(tmp_path):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from catflax import preprocess
 
@@ -57,6 +58,31 @@ def test_bad_training_settings_are_refused_up_front(tmp_path):
         result = run_main(tmp_path, override)
         assert result.returncode != 0 and "catflax: bad config" in result.stderr, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_config_file_and_bad_cluster_variables_are_one_line_errors(monkeypatch):
+    """Both were tracebacks (ml_collections defers the file's error to the config's first use)."""
+    from absl import flags
+
+    from catflax import main
+
+    argv = ["catflax", "--config=configs/nope.py", "--workdir=/tmp/x"]
+    message = (r"^catflax: cannot load the config file: \[Errno 2\] No such file or directory: "
+               r"'configs/nope.py'$")  # fmt: skip
+    try:
+        for args in (argv, [*argv, "--config.seed=3"]):  # without and with an override
+            monkeypatch.setattr(sys, "argv", args)  # ml_collections reads overrides from there
+            with pytest.raises(SystemExit, match=message):
+                main.parse_flags(args)
+    finally:
+        flags.FLAGS.unparse_flags()
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_STEP_NODELIST", "WORLD_SIZE",
+                 "OMPI_COMM_WORLD_SIZE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "head:1234")
+    message = "^catflax: JAX_COORDINATOR_ADDRESS set but not JAX_NUM_PROCESSES, JAX_PROCESS_ID"
+    with pytest.raises(SystemExit, match=message):
+        main.main(["catflax"])
 
 
 def test_clip_normalize_uses_clip_mean_and_std():

@@ -29,7 +29,12 @@ DIRECT_HELP="  --direct           the slice was made with 'create.sh --direct' (
 
 # gcloud_flags: --zone and --project for every gcloud call (after parse_args).
 gcloud_flags() {
-  require name zone
+  [[ -n $OPT_name ]] || die "--name is required (or CATFLAX_TPU_NAME; see --help)"
+  [[ -n $OPT_zone ]] || die "--zone is required (or CATFLAX_TPU_ZONE; see --help)"
+  if ((!DRY_RUN)) && ! command -v gcloud >/dev/null; then
+    die "gcloud not found: install the Google Cloud CLI" \
+      "(https://cloud.google.com/sdk/docs/install), then run 'gcloud auth login'"
+  fi
   GCLOUD_FLAGS=(--zone="$OPT_zone")
   [[ -z $OPT_project ]] || GCLOUD_FLAGS+=(--project="$OPT_project")
   # More gcloud flags, split on spaces: CATFLAX_SSH_FLAGS for tpu-vm ssh/scp (e.g.
