@@ -16,8 +16,9 @@ with the model replicated; the result is pasted back (outside the mask exactly t
 
 OUT/ gets images/ (generated), inputs/ (the input at the model resolution: the reference set of
 FID/CMMD), masks/ (the binary mask), all PNG; metrics.json (preservation always; CLIP score,
-CLIP-FD and CMMD with --clip; FID with --inception; docs/EVALUATION.md); contact_sheet.png and
-index.html (input, mask, prompt, output).
+CLIP-FD and CMMD with --clip; FID with --inception; docs/EVALUATION.md; `warnings` for FID and
+CLIP-FD from no more images than features); contact_sheet.png and index.html (input, mask,
+prompt, output).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -254,7 +256,8 @@ def generate(
         padded = chunk + [chunk[0]] * (size - len(chunk))  # one compiled batch size for all
         batch = sampler.pipe.prepare([(Image.fromarray(e.image), e.model_mask) for e in padded])
         batch["input_ids"] = sampler.tokenize([e.prompt for e in padded])
-        seeds = [opts.seed + done + i for i in range(size)]
+        seeds = [opts.seed + done + i for i in range(len(chunk))]
+        seeds += [seeds[0]] * (size - len(chunk))  # the padding's: in range like the real ones
         images = sampler(batch, seeds, opts.num_steps, opts.guidance_scale)[: len(chunk)]
         if opts.paste_back:
             images = np.stack([np.where(e.mask[..., None] > 127, image, e.image)
@@ -267,6 +270,22 @@ def generate(
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
+
+
+def sample_size_warnings(count: int, feature_dims: dict[str, int]) -> list[str]:
+    """metrics.json's warnings for Frechet distances (name -> feature size) from `count` images
+    per set: none below 2 (no covariance), singular covariances up to the feature size."""
+    out = []
+    for name, dim in feature_dims.items():
+        if count < 2:
+            out.append(f"{name} needs at least 2 images (a covariance): null")
+        elif count <= dim:
+            out.append(
+                f"{name} from {count} images per set, not more than its {dim} feature dimensions:"
+                f" the covariances are singular (rank {count - 1}) and {name} is biased upwards"
+                " at small N; compare only values at equal N (docs/EVALUATION.md)"
+            )
+    return out
 
 
 def _finite_or_none(value):
@@ -324,7 +343,10 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
 
     from catflax.data import sources
     from catflax.metrics import CLIPScorer, InceptionV3, compute_metrics
+    from catflax.metrics.distances import SmallSampleWarning
     from catflax.metrics.image_sets import ImageFiles
+    from catflax.metrics.inception import FEATURE_DIM
+    from catflax.paths import is_remote
 
     missing = [f"--{n}" for n in ("weights", "dataset", "out") if not getattr(opts, n)]
     if missing and not (pipeline is not None and missing == ["--weights"]):
@@ -333,6 +355,16 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
         raise ValueError(f"--num={opts.num} must be positive")
     if opts.sheet_rows < 1:
         raise ValueError(f"--sheet_rows={opts.sheet_rows} must be positive")
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch_size={opts.batch_size} must be positive")
+    if not 0 <= opts.seed <= 2**32 - opts.num:  # example i is sampled with seed + i, a uint32
+        raise ValueError(
+            f"--seed={opts.seed}: seed + i (i < --num={opts.num}) must be in [0, 2**32)"
+        )
+    if opts.out and is_remote(opts.out):  # os.makedirs would make a local folder "gs:"
+        raise ValueError(f"--out={opts.out}: give a local folder (then copy it to the bucket)")
+    if opts.out and os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        raise ValueError(f"--out={opts.out} is a file, not a folder")
     if opts.masks not in MASK_KINDS:
         raise ValueError(f"--masks={opts.masks!r}: choose one of {list(MASK_KINDS)}")
     if jax.process_count() > 1:
@@ -386,17 +418,25 @@ def run(opts: Options, pipeline=None, report=print) -> dict:
     generated, originals = ImageFiles(files["image"]), ImageFiles(files["input"])
     masks = ImageFiles(files["mask"], mode="L")
     prompts = [r["prompt"] for r in rows]
-    needs_two = [m for m, model in (("FID", inception), ("CLIP-FD", clip)) if model is not None]
-    if len(rows) < 2 and needs_two:
-        report(f"evaluate: {' and '.join(needs_two)} need at least 2 images (a covariance): null")
-    summary, per_example = compute_metrics(generated, originals, masks, prompts,
-                                           inception=inception, clip=clip)  # fmt: skip
+    feature_dims = {}  # the Frechet distances computed, and their feature sizes
+    if inception is not None:
+        feature_dims["FID"] = FEATURE_DIM
+    if clip is not None:
+        feature_dims["CLIP-FD"] = clip.model.projections.visual_projection.out_features
+    notes = sample_size_warnings(len(rows), feature_dims)
+    for note in notes:
+        report(f"evaluate: warning: {note}")
+    with warnings.catch_warnings():  # distances' SmallSampleWarning: said above, by metric
+        warnings.simplefilter("ignore", SmallSampleWarning)
+        summary, per_example = compute_metrics(generated, originals, masks, prompts,
+                                               inception=inception, clip=clip)  # fmt: skip
     for name, values in per_example.items():
         for row, value in zip(rows, values):
             row[name] = _finite_or_none(float(value))
     s = pipeline.sampling
     result = {
         "metrics": {k: _finite_or_none(v) for k, v in summary.items()},
+        "warnings": notes,
         "settings": dict(
             weights=opts.weights,
             dataset=opts.dataset,

@@ -56,6 +56,13 @@ def check_config(config) -> None:
         raise ConfigError(
             f"config.train.loss_group_size={group} must be 0 or divide train.batch_size={batch}"
         )
+    if config.report.enabled:  # run after the last stage: its settings are checked now
+        from catflax import report
+
+        try:
+            report.check_config(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     try:
         rules = sharding.normalize_rules(dict(config.sharding_rules))
     except ValueError as e:

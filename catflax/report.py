@@ -176,10 +176,19 @@ def save_example(example: ColourExample, directory: str) -> dict[str, str]:
     return paths | {"prompt": example.prompt}
 
 
+def check_config(config) -> None:
+    """Report settings it cannot run with (main can refuse them before training)."""
+    for key in ("num_images", "batch_size", "grid_rows"):
+        value = config.report[key]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.report.{key}={value!r} must be a positive integer")
+
+
 def run(config, workdir: str, mesh) -> dict:
     """Writes WORKDIR/export (inference directory), WORKDIR/samples.png and WORKDIR/report.json,
     prints the report, and returns what report.json holds. A WORKDIR on an object store gets
     them written locally first and copied."""
+    check_config(config)
     out = tempfile.mkdtemp(prefix="catflax-report-") if is_remote(workdir) else workdir
     try:
         summary = _write_report(config, workdir, out, mesh)

@@ -94,7 +94,7 @@ def args(setup, out, *extra):
             f"--num_steps={STEPS}", *extra]  # fmt: skip
 
 
-def test_evaluate_writes_images_metrics_and_contact_sheet(setup, tmp_path):
+def test_evaluate_writes_images_metrics_and_contact_sheet(setup, tmp_path, capsys):
     _, _, _, clip_dir, fid_file = setup
     out = tmp_path / "eval"
     code = evaluate.main(args(setup, out, "--masks=box", f"--clip={clip_dir}",
@@ -104,6 +104,11 @@ def test_evaluate_writes_images_metrics_and_contact_sheet(setup, tmp_path):
         result = json.load(f)
     metrics, settings, rows = result["metrics"], result["settings"], result["examples"]
     assert metrics["count"] == NUM and len(rows) == NUM
+    # FID and CLIP-FD from 5 images (singular covariances) are flagged, by name, in both places.
+    fid_note, clip_note = result["warnings"]
+    assert fid_note.startswith("FID from 5 images per set, not more than its 2048 feature")
+    assert clip_note.startswith("CLIP-FD from 5 images per set, not more than its 8 feature")
+    assert f"evaluate: warning: {fid_note}" in capsys.readouterr().out
     # Pasted back: every pixel outside the mask is the input's, exactly.
     assert metrics["mse_outside"] == 0.0 and metrics["psnr_outside"] == 100.0
     for key in ("fid", "clip_fd", "cmmd", "clip_score", "clip_score_crop"):
@@ -150,8 +155,11 @@ def test_sharded_sampling_equals_the_pipeline(setup):
 
 def test_seg_masks_without_paste_back(setup, tmp_path):
     out = tmp_path / "seg"
-    assert evaluate.main(args(setup, out, "--masks=seg", "--paste_back=false", "--num=3")) == 0
+    # The last seeds a uint32 holds: the batch's 5 padding examples must not go past them.
+    top = f"--seed={2**32 - 3}"
+    assert evaluate.main(args(setup, out, "--masks=seg", "--paste_back=false", "--num=3", top)) == 0
     result = json.loads((out / "metrics.json").read_text())
+    assert [r["seed"] for r in result["examples"]] == [2**32 - 3, 2**32 - 2, 2**32 - 1]
     assert set(result["metrics"]) == {"count", "reference_count", "mse_outside", "psnr_outside"}
     assert result["metrics"]["mse_outside"] > 0  # the VAE round trip changes the outside
     assert 0 < result["metrics"]["psnr_outside"] < 100
@@ -169,8 +177,10 @@ def test_seg_masks_without_paste_back(setup, tmp_path):
     assert evaluate.main(args(setup, out, "--masks=seg", "--num=1", f"--clip={clip_dir}")) == 0
     for folder in ("images", "inputs", "masks"):
         assert sorted(p.name for p in (out / folder).iterdir()) == ["00000.png"]
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    result = json.loads((out / "metrics.json").read_text())
+    metrics = result["metrics"]
     assert metrics["count"] == 1 and metrics["clip_fd"] is None
+    assert result["warnings"] == ["CLIP-FD needs at least 2 images (a covariance): null"]
     assert np.isfinite([metrics["clip_score"], metrics["cmmd"]]).all()
 
 
@@ -201,6 +211,46 @@ def test_examples_get_soft_masks_and_stored_boxes():
     np.testing.assert_array_equal(extent.mask, evaluate.filled_box(seg.mask))
 
 
+def test_unusable_records_are_skipped_and_counted():
+    """Pairs without a mask, undecodable images and masks, and masks that vanish at the model
+    resolution are skipped, counted by reason up to the last example taken."""
+    from catflax.data import records
+
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask, speck = np.zeros((40, 60), np.uint8), np.zeros((40, 60), np.uint8)
+    mask[10:30, 20:40], speck[5, 5] = 255, 255  # one pixel: gone when resized to 16 px
+    good = dict(image=_png(image), mask=records.encode_png(mask), box=np.zeros(4, np.float32),
+                example_id="good", label="a ball")  # fmt: skip
+    source = [
+        dict(good, mask=b""),  # a text-image pair
+        dict(good, image=_png(image)[:100]),  # truncated
+        dict(good, mask=records.encode_png(np.zeros_like(mask))),
+        dict(good, mask=records.encode_png(speck)),
+        dict(good, mask=b"not a png"),
+        good,
+        dict(good, image=b"junk"),  # after the last example taken: not counted
+        dict(good, example_id="last"),
+    ]
+    for masks in ("seg", "box"):
+        examples, skipped = evaluate.read_examples(source, 1, masks, 16)
+        assert [e.example_id for e in examples] == ["good"], masks
+        assert skipped == dict(no_mask=1, corrupt=2, empty_mask=2), masks
+    examples, skipped = evaluate.read_examples(source, 5, "seg", 16)
+    assert [e.index for e in examples] == [5, 7] and skipped["corrupt"] == 3
+
+
+def test_report_settings_are_checked():
+    from ml_collections import ConfigDict
+
+    from catflax import report
+
+    config = ConfigDict(dict(report=dict(num_images=8, batch_size=4, grid_rows=2)))
+    report.check_config(config)
+    config.report.num_images = 0  # was a ZeroDivisionError after the whole training run
+    with pytest.raises(ValueError, match="config.report.num_images=0 must be a positive"):
+        report.check_config(config)
+
+
 def _png(array_HWC: np.ndarray) -> bytes:
     import io as io_lib
 
@@ -225,6 +275,17 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys):
     assert "no split 'nope'" in capsys.readouterr().err
     assert evaluate.main(args(setup, tmp_path, "--sheet_rows=0")) == 1
     assert "--sheet_rows=0" in capsys.readouterr().err
+    # Refused before anything loads (a negative or too large seed was an OverflowError there).
+    for flag, message in (
+        ("--seed=-1", "--seed=-1: seed + i (i < --num=5) must be in [0, 2**32)"),
+        (f"--seed={2**32 - 4}", f"--seed={2**32 - 4}: seed + i"),
+        ("--batch_size=0", "--batch_size=0 must be positive"),
+        (f"--out={tmp_path / 'file'}", "file is a file, not a folder"),
+        ("--out=gs://bucket/eval", "--out=gs://bucket/eval: give a local folder"),  # was ./gs:/
+    ):
+        (tmp_path / "file").write_text("")
+        assert evaluate.main(args(setup, tmp_path, flag)) == 1, flag
+        assert message in capsys.readouterr().err, flag
     assert evaluate.main([f"--out={tmp_path}"]) == 1
     assert "missing --weights, --dataset" in capsys.readouterr().err
     assert evaluate.main(args(setup, tmp_path, f"--clip={tmp_path / 'none'}")) == 1

@@ -60,6 +60,21 @@ def test_bad_training_settings_are_refused_up_front(tmp_path):
         assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_bad_report_settings_are_refused_before_training():
+    """The report runs after the last stage: a setting it cannot run with is refused first."""
+    from catflax import main
+    from catflax.models.cat import ConfigError
+    from configs import demo
+
+    config = demo.get_config()
+    main.check_config(config)
+    config.report.grid_rows = 0
+    with pytest.raises(ConfigError, match=r"config.report.grid_rows=0 must be a positive"):
+        main.check_config(config)
+    config.report.enabled = False  # no report: its settings do not matter
+    main.check_config(config)
+
+
 def test_a_missing_config_file_and_bad_cluster_variables_are_one_line_errors(monkeypatch):
     """Both were tracebacks (ml_collections defers the file's error to the config's first use)."""
     from absl import flags

@@ -1,5 +1,7 @@
 """Frechet distance, CMMD and preservation metrics against direct computations."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -53,19 +55,28 @@ def test_fid_of_a_set_with_itself_is_zero():
 def test_low_rank_frechet_distance_from_features_is_exact():
     rng = np.random.default_rng(5)
     a, b = rng.uniform(0, 1, (12, 40)), rng.uniform(0, 1, (9, 40)) ** 2
-    low_rank = distances.frechet_distance_from_features(a, b)  # N < D: nuclear-norm route
+    # N < D: the nuclear-norm route, and a warning that the value depends on N
+    with pytest.warns(distances.SmallSampleWarning, match="12 and 9 samples of 40-d"):
+        low_rank = distances.frechet_distance_from_features(a, b)
     sa, sb = distances.feature_statistics(a), distances.feature_statistics(b)
     for method in ("sqrtm", "eigh"):
         np.testing.assert_allclose(
             low_rank, distances.frechet_distance_of(sa, sb, method), rtol=1e-6
         )
-    assert abs(distances.frechet_distance_from_features(a, a)) < 1e-10
-    many = rng.standard_normal((60, 8))  # N > D: the full route
-    np.testing.assert_allclose(
-        distances.frechet_distance_from_features(many, many[::-1] + 1.0),
-        distances.frechet_distance_from_features(many, many[::-1] + 1.0, "lowrank"),
-        rtol=1e-8,
-    )
+    with pytest.warns(distances.SmallSampleWarning):
+        assert abs(distances.frechet_distance_from_features(a, a)) < 1e-10
+    many = rng.standard_normal((60, 8))  # N > D: the full route, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", distances.SmallSampleWarning)
+        np.testing.assert_allclose(
+            distances.frechet_distance_from_features(many, many[::-1] + 1.0),
+            distances.frechet_distance_from_features(many, many[::-1] + 1.0, "lowrank"),
+            rtol=1e-8,
+        )
+    with pytest.raises(ValueError, match=r"\(N, D\) and \(M, D\), got \(60, 8\) and \(9, 40\)"):
+        distances.frechet_distance_from_features(many, b)
+    with pytest.raises(ValueError, match="got 'svd'"):
+        distances.frechet_distance_from_features(many, many, "svd")
 
 
 def test_frechet_distance_rejects_mismatched_statistics(tmp_path):

@@ -141,6 +141,8 @@ def test_projections_need_a_full_clip_model(tmp_path):
         clip_score.CLIPProjections.from_pretrained(str(tmp_path / "vision"))
 
 
+# Three images per set: the Frechet distances warn (singular covariances), as they should.
+@pytest.mark.filterwarnings("ignore::catflax.metrics.distances.SmallSampleWarning")
 def test_compute_metrics_runs_every_metric(tiny_clip, tmp_path):
     """The evaluate command's one call: each entry equals the metric computed on its own."""
     from flax import nnx

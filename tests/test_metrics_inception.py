@@ -204,6 +204,8 @@ def test_pool3_features_match_pytorch_fid_architecture(torch_inception):
 
     with pytest.raises(ValueError, match="at least 75 px"):
         ours(jnp.zeros((1, 74, 80, 3)))
+    with pytest.raises(ValueError, match=r"float images in \[0, 1\], got uint8"):
+        ours(np.zeros((1, 80, 80, 3), np.uint8))  # not silently 255 times too bright
 
     logits_ref = model.fc(torch.from_numpy(ref)).detach().numpy()
     np.testing.assert_allclose(ours.logits(jnp.asarray(ref)), logits_ref, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,8 @@
 """CLIP score (prompt vs whole image and vs the masked-region crop) and CLIP image embeddings.
 
-CLIP score = 100 * max(cos(text_embedding, image_embedding), 0) with CLIP's projected
-embeddings (torchmetrics' CLIPScore, Hessel et al. 2021 without their 2.5 weight). The towers
+CLIP score = 100 * max(cos(text_embedding, image_embedding), 0) per example, with CLIP's
+projected embeddings (Hessel et al. 2021 without their 2.5 weight; torchmetrics' CLIPScore of one
+image; of a set, torchmetrics clamps the mean instead: docs/EVALUATION.md). The towers
 are `catflax.models.clip`; the two projection matrices come from the same transformers
 `CLIPModel` directory (`text_projection.weight`, `visual_projection.weight`).
 """

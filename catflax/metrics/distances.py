@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -12,6 +13,10 @@ import scipy.linalg
 # bandwidth 10 on L2-normalised CLIP image embeddings, the result scaled by 1000.
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
+
+
+class SmallSampleWarning(UserWarning):
+    """A Frechet distance from no more samples than feature dimensions: singular covariances."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +118,26 @@ def frechet_distance_from_features(
 
     With fewer samples than dimensions (`auto`, or `lowrank`), the covariances have rank < D
     and tr sqrt(S_a S_b) is exactly the nuclear norm of A B^T / sqrt((N-1)(M-1)) for the
-    centred features A, B: milliseconds instead of a D x D sqrtm. Otherwise as `method`."""
+    centred features A, B: milliseconds instead of a D x D sqrtm. Otherwise as `method`.
+    Warns (SmallSampleWarning) when a set has no more samples than D: the value is then biased
+    upwards by an amount that depends on N, so only values at equal N compare."""
+    if method not in ("auto", "lowrank", "sqrtm", "eigh"):
+        raise ValueError(f"method must be 'auto', 'lowrank', 'sqrtm' or 'eigh', got {method!r}")
     a, b = np.asarray(a_ND, np.float64), np.asarray(b_MD, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need features (N, D) and (M, D), got {a.shape} and {b.shape}")
     dim = a.shape[-1]
+    sa, sb = feature_statistics(a), feature_statistics(b)
+    if min(len(a), len(b)) <= dim:
+        warnings.warn(
+            f"Frechet distance from {len(a)} and {len(b)} samples of {dim}-d features: "
+            f"singular covariances (rank < {dim}); the value is biased upwards at small N, so "
+            "compare only values at equal N",
+            SmallSampleWarning,
+            stacklevel=2,
+        )
     if method == "auto":
         method = "lowrank" if max(len(a), len(b)) <= dim else "sqrtm"
-    sa, sb = feature_statistics(a), feature_statistics(b)
     if method != "lowrank":
         return frechet_distance_of(sa, sb, method)
     cross = (a - sa.mu) @ (b - sb.mu).T / np.sqrt((len(a) - 1) * (len(b) - 1))

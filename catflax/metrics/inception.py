@@ -272,6 +272,11 @@ class InceptionV3(nnx.Module):
         )  # fmt: skip
 
     def __call__(self, images_BHWC: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(jnp.result_type(images_BHWC), jnp.floating):
+            raise ValueError(  # uint8 taken as it is would be 255 times too bright
+                f"InceptionV3 takes float images in [0, 1], got {jnp.result_type(images_BHWC)} "
+                "(inception_features converts uint8 images)"
+            )
         x = jnp.asarray(images_BHWC, jnp.float32)
         if x.shape[-1] != 3:
             raise ValueError(f"InceptionV3 expects RGB images (B,H,W,3), got shape {x.shape}")
