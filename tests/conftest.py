@@ -30,6 +30,20 @@ import catflax  # noqa: F401  (applies catflax's XLA:CPU flag defaults before ja
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The longest files first (minutes each: the demo, the process-level runs, the benches), so that
+# pytest -n 2 starts them at once and the short tests fill in around them, instead of one worker
+# finishing a long run alone at the end. Otherwise the collection order.
+_LONG_FIRST = ("test_demo.py", "test_train_multiprocess.py", "test_train_run.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 def pytest_unconfigure(config):
     if os.environ.get("CATFLAX_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
