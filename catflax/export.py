@@ -32,15 +32,11 @@ takes OUT's place only once complete, so a failed export leaves an earlier one a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
-import shutil
-import stat
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -48,6 +44,7 @@ from absl import flags
 from flax import nnx
 
 from catflax.models.rngs import abstract_module
+from catflax.staging import staged_dir, staged_file
 
 FORMATS = ("catflax", "reference", "diffusers")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -352,68 +349,6 @@ def write_diffusers(model, out: str, *, tokenizer, resolution: int, sampling, dt
 
     write_diffusers_dirs(model, out, tokenizer=tokenizer, resolution=resolution,
                          sampling=sampling, dtype=dtype)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing: into a staging folder (file) beside `out`, which replaces `out` only once complete
-# ---------------------------------------------------------------------------------------------
-
-
-def _new_mode(path: str, default: int) -> int:
-    """The permission bits of `path` if it exists, else `default` less the umask (what a plain
-    makedirs or open would give; mkdtemp and mkstemp make 0o700 and 0o600)."""
-    if os.path.exists(path):
-        return stat.S_IMODE(os.stat(path).st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return default & ~umask
-
-
-@contextlib.contextmanager
-def staged_dir(out: str) -> Iterator[str]:
-    """A fresh folder beside `out` to write into. On success it takes `out`'s place (an earlier
-    `out` is moved aside first and deleted after); on an error it is deleted and `out` stays as
-    it was."""
-    target = os.path.realpath(out)  # a link to a folder: the folder is replaced
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
-    try:
-        yield staging
-        os.chmod(staging, _new_mode(target, 0o777))
-        if not os.path.isdir(target):
-            os.rename(staging, target)
-            return
-        old = staging + ".old"
-        os.rename(target, old)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def staged_file(path: str) -> Iterator[str]:
-    """A temporary file name beside `path` to write into; on success that file replaces `path`
-    (os.replace), on an error it is deleted and `path` stays as it was."""
-    target = os.path.realpath(path)
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.export-", dir=parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _new_mode(target, 0o666))
-        os.replace(tmp, target)
-    finally:
-        for leftover in (tmp, tmp + ".tmp"):  # io.write_safetensors writes NAME.tmp, renames it
-            if os.path.exists(leftover):
-                os.remove(leftover)
 
 
 def _export_marker(fmt: str) -> tuple[str, str, tuple[str, ...]]:

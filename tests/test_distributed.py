@@ -94,18 +94,24 @@ def slurm_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def assert_jax_agrees(cluster, env: dict[str, str], plan: ClusterPlan, monkeypatch) -> None:
+    """JAX's own detection (`cluster`, from jax._src.clusters), given the same variables, picks
+    the same coordinator, count, id and local device."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cluster.is_env_present()
+    assert cluster.get_coordinator_address(None, None) == plan.coordinator_address
+    assert cluster.get_process_count() == plan.num_processes
+    assert cluster.get_process_id() == plan.process_id
+    assert (cluster.get_local_process_id(),) == plan.local_device_ids
+
+
 def test_slurm_one_process_per_gpu(monkeypatch):
     env = slurm_env()
     plan = plan_cluster(env, must_not_ask)
     assert plan == ClusterPlan("slurm", 16, 9, "gpu003:62674", (1,))
     # JAX's own SLURM detection, given the same variables, picks the same coordinator and ids.
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert SlurmCluster.is_env_present()
-    assert SlurmCluster.get_coordinator_address(None, None) == plan.coordinator_address
-    assert SlurmCluster.get_process_count() == plan.num_processes
-    assert SlurmCluster.get_process_id() == plan.process_id
-    assert (SlurmCluster.get_local_process_id(),) == plan.local_device_ids
+    assert_jax_agrees(SlurmCluster, env, plan, monkeypatch)
 
 
 def test_slurm_one_process_per_host_sees_all_gpus():
@@ -206,13 +212,7 @@ def test_openmpi_matches_jax(monkeypatch):
     env = ompi_env()
     plan = plan_cluster(env, must_not_ask)
     assert plan == ClusterPlan("openmpi", 16, 9, "10.96.0.1:62624", (1,))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert OmpiCluster.is_env_present()
-    assert OmpiCluster.get_coordinator_address(None, None) == plan.coordinator_address
-    assert OmpiCluster.get_process_count() == plan.num_processes
-    assert OmpiCluster.get_process_id() == plan.process_id
-    assert (OmpiCluster.get_local_process_id(),) == plan.local_device_ids
+    assert_jax_agrees(OmpiCluster, env, plan, monkeypatch)
     # mpirun inside a SLURM job: the srun step that started mpirun's daemons is not the count
     in_slurm = {**slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1"), **env}
     assert plan_cluster(in_slurm, must_not_ask) == plan
