@@ -119,24 +119,30 @@ def train_and_evaluate(config, workdir: str) -> None:
 
 
 def _run_stages(config, workdir: str, mesh) -> None:
-    import jax
-
     from catflax.data.feed import Feed
     from catflax.train.loop import run_stage
+    from catflax.train.preemption import PreemptionNotice
 
-    for stage in config.stages:
-        result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config),
-                           lambda: Feed.from_config(config, "eval"))  # fmt: skip
-        if result.skipped:
-            continue
-        if not result.losses:  # resumed at its last step
-            print(f"stage {stage} done: process {jax.process_index()}, resumed at its last "
-                  "step; final parameters saved", flush=True)  # fmt: skip
-        else:
-            first, last = result.losses[0], result.losses[-1]
-            print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "
-                  f"loss {first:.4g} (first step) -> {last:.4g} (last); per step: "
-                  f"{os.path.join(workdir, stage, 'metrics.jsonl')}", flush=True)  # fmt: skip
+    with PreemptionNotice() as notice:  # SIGTERM from the first stage's start to the last's end
+        for stage in config.stages:
+            result = run_stage(config, stage, workdir, mesh, lambda _: Feed.from_config(config),
+                               lambda: Feed.from_config(config, "eval"), notice)  # fmt: skip
+            _print_done(stage, result, workdir)
+
+
+def _print_done(stage: str, result, workdir: str) -> None:
+    import jax
+
+    if result.skipped:
+        return
+    if not result.losses:  # resumed at its last step
+        print(f"stage {stage} done: process {jax.process_index()}, resumed at its last "
+              "step; final parameters saved", flush=True)  # fmt: skip
+    else:
+        first, last = result.losses[0], result.losses[-1]
+        print(f"stage {stage} done: process {jax.process_index()}, {result.steps} steps, "
+              f"loss {first:.4g} (first step) -> {last:.4g} (last); per step: "
+              f"{os.path.join(workdir, stage, 'metrics.jsonl')}", flush=True)  # fmt: skip
 
 
 class _LibraryChatter(pylogging.Filter):

@@ -378,8 +378,8 @@ CHILD = textwrap.dedent(
             lambda x: jax.lax.psum(x, "data"), mesh=mesh, in_specs=P("data"), out_specs=P()
         )
     )(data)
-    from catflax.train.loop import _sum_over_processes  # e.g. records skipped by each process
-    skipped = _sum_over_processes(3 + 4 * info.process_index)
+    from catflax.train.preemption import sum_over_processes  # e.g. records skipped per process
+    skipped = sum_over_processes(3 + 4 * info.process_index)
     print("RESULT " + json.dumps({
         "skipped": skipped,
         "info": info.__dict__,

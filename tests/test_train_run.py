@@ -170,11 +170,37 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     # A notice that comes after a stage's last batch (here: during its final save) stops the
     # run before the next stage starts, still with exit code 0.
     late = run_main(tmp_path / "late", *steps(2, ("1a", "1b")),
-                    env=env_for({"CATFLAX_TEST_TERM_AT_FINAL": "1a"}))  # fmt: skip
+                    env=env_for({"CATFLAX_TEST_TERM_AT": "1a:final"}))  # fmt: skip
     assert late.returncode == 0, late.stderr[-3000:]
     assert "stage 1a: preempted (SIGTERM) after its last step" in late.stderr
     assert os.path.isdir(tmp_path / "late" / "1a" / "final")
     assert not os.path.exists(tmp_path / "late" / "1b")
+    # One during the stage's start-up (model build, restore, compilation) reaches the first
+    # batch: the step after it saves (the default handler used to end the run with 143).
+    early = run_main(tmp_path / "early", *steps(4, ("1a",)),
+                     "--config.train.checkpoint_every=100000",
+                     env=env_for({"CATFLAX_TEST_TERM_AT": "1a:start"}))  # fmt: skip
+    assert early.returncode == 0, early.stderr[-3000:]
+    assert "stage 1a: preempted (SIGTERM) at step 2; checkpoint saved" in early.stderr
+    assert os.listdir(tmp_path / "early" / "1a" / "checkpoints") == ["2"]
+
+
+def test_a_notice_before_a_stage_stops_the_run_there(tmp_path):
+    """A notice between stages (or before the first) stops the run before the stage builds
+    anything, with exit code 0."""
+    from catflax.train.loop import run_stage
+    from catflax.train.preemption import PreemptionNotice
+    from configs import demo
+
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionNotice() as notice:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert notice.requested
+        with pytest.raises(SystemExit) as stopped:
+            run_stage(demo.get_config(), "1b", str(tmp_path), None, None, None, notice)
+    assert stopped.value.code == 0
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler before it is back
 
 
 def test_resume_after_an_interrupted_final_save(tmp_path):

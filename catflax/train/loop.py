@@ -22,7 +22,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from catflax import paths
 from catflax import sharding as sharding_lib
@@ -32,6 +31,7 @@ from catflax.models.rngs import rngs as model_rngs
 from catflax.train import optim, resume_checks, stages
 from catflax.train.checkpoint import Checkpointer, abstract_state
 from catflax.train.metrics import MetricWriter, peak_flops_per_device
+from catflax.train.preemption import PreemptionNotice, sum_over_processes
 from catflax.train.samples import write_sample_grid
 from catflax.train.steps import (
     PREEMPT_KEY,
@@ -172,12 +172,25 @@ class StageResult:
 
 
 def run_stage(
-    config, stage: str, workdir: str, mesh, data_factory, eval_factory=None
+    config,
+    stage: str,
+    workdir: str,
+    mesh,
+    data_factory,
+    eval_factory=None,
+    notice: PreemptionNotice | None = None,
 ) -> StageResult:
     """Trains one stage to its configured number of steps, resuming where it stopped.
 
     `data_factory(stage)` gives the training Feed; `eval_factory()` a fresh validation Feed
-    (read when the stage has `plateau_every` > 0: reduce-on-plateau on the validation loss)."""
+    (read when the stage has `plateau_every` > 0: reduce-on-plateau on the validation loss).
+    `notice`: the run's SIGTERM catcher (catflax.main holds one over all stages); without one
+    the stage catches SIGTERM itself while it runs. A notice before the stage starts stops
+    it there; one during its start-up or steps, at an agreed step after a checkpoint; one
+    after its last batch, once its final parameters are saved. Each raises SystemExit(0)."""
+    if notice is None:
+        with PreemptionNotice() as notice:
+            return run_stage(config, stage, workdir, mesh, data_factory, eval_factory, notice)
     spec = stages.stage_spec(stage)
     scfg = config[f"stage_{stage}"]
     plateau_every = scfg.get("plateau_every", 0)
@@ -190,9 +203,13 @@ def run_stage(
     if stage_finished(workdir, stage):
         logging.info("stage %s already finished; skipping", stage)
         return StageResult(stage, 0, [], skipped=True)
+    if notice.agreed():  # a notice between stages, or before the first one
+        logging.warning("stage %s: preempted (SIGTERM) before it started", stage)
+        raise SystemExit(0)
 
     # ---------------------------------------------------------------- parameters
     graphdef, params, shardings = init_params(config, mesh)
+    _test_signal(stage, "start")
     notes = load_pretrained(config, params, shardings) + merge_earlier_stages(
         workdir, stage, params
     )
@@ -236,8 +253,7 @@ def run_stage(
         return StageResult(stage, 0, [])
 
     # ---------------------------------------------------------------- compile
-    stop = _Preemption()
-    batch = data_iter.next_global(mesh, {PREEMPT_KEY: stop.requested})
+    batch = data_iter.next_global(mesh, {PREEMPT_KEY: notice.requested})
     state_sh, frozen_sh = sharding_of(state), sharding_of(frozen)
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     step_fn = jit_step(graphdef, tx, step_cfg, state_sh, frozen_sh, batch_sh)
@@ -297,25 +313,29 @@ def run_stage(
                                   mesh=mesh)  # fmt: skip
                 last_time = time.time()
             if step < scfg.steps:
-                batch = data_iter.next_global(mesh, {PREEMPT_KEY: stop.requested})
+                batch = data_iter.next_global(mesh, {PREEMPT_KEY: notice.requested})
     except NonFiniteLossError:
         ckpt.wait()  # the last good checkpoint lands before the run stops
         writer.close()
         raise
     ckpt.wait()
     ckpt.close()
-    if os.environ.get("CATFLAX_TEST_TERM_AT_FINAL") == stage:  # preemption tests only
-        os.kill(os.getpid(), signal.SIGTERM)
+    _test_signal(stage, "final")
     save_final(workdir, stage, _handed_over(state, config))
     writer.close()
     # A notice after the last batch went out reached no step: the stage is finished, so stop
     # here (all processes agree) instead of starting the next one.
-    preempted = _sum_over_processes(int(stop.requested)) > 0
-    stop.restore()
-    if preempted:
+    if notice.agreed():
         logging.warning("stage %s: preempted (SIGTERM) after its last step; stage finished", stage)
         raise SystemExit(0)
     return StageResult(stage, step - start_step, losses)
+
+
+def _test_signal(stage: str, point: str) -> None:
+    """Preemption tests only: CATFLAX_TEST_TERM_AT=<stage>:<start|final> sends this process a
+    SIGTERM during that stage's start-up (after the model is built) or before its final save."""
+    if os.environ.get("CATFLAX_TEST_TERM_AT") == f"{stage}:{point}":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _handed_over(state, config) -> nnx.State:
@@ -351,19 +371,11 @@ def _report(pending, writer, config, scfg, global_batch, flops, since) -> dict[s
         values["mfu"] = flops / dt / peak
     console = step % config.train.log_every == 0 or step == scfg.steps
     if console:  # every process skips its own records: summed over them (a host collective)
-        values["skipped_examples"] = float(_sum_over_processes(skipped))
+        values["skipped_examples"] = float(sum_over_processes(skipped))
     writer.record(step, values)  # every step, to metrics.jsonl
     if console:
         writer.scalars(step, values)
     return values
-
-
-def _sum_over_processes(count: int) -> int:
-    """A per-process count summed over all processes (every process must call it)."""
-    if jax.process_count() == 1:
-        return count
-    counts = multihost_utils.process_allgather(np.asarray(count, np.int64))
-    return int(np.sum(counts))
 
 
 def validate(state, frozen, validation, scfg, eval_factory, mesh, writer, step):
@@ -413,21 +425,3 @@ def _memory(compiled) -> str:
         return f"{total / 2**30:.2f} GiB per device"
     except Exception:  # not every backend reports it
         return "n/a"
-
-
-class _Preemption:
-    """SIGTERM (a preemption notice) sets a flag that goes into every later batch (PREEMPT_KEY);
-    the step's max of it tells every process, at the same step, that some process got a
-    notice, and all checkpoint there and exit 0. (A process stopping alone would leave the
-    others waiting in the step's collectives. The handler replaces jax's own preemption
-    notifier, whose agreed step ids orbax's CheckpointManager also feeds with its own.)"""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
