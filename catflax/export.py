@@ -227,9 +227,16 @@ def resolve_run(workdir: str, stage: str | None = None, *, ema: bool = False):
 def load_run(workdir: str, stage: str | None = None, *, ema: bool = False, mesh=None):
     """(CATDiffusion with every parameter of `stage` (default: the last finished), the run's
     config, notes on where each part came from)."""
+    stage, config = resolve_run(workdir, stage, ema=ema)
+    model, notes = load_stage(workdir, stage, config, ema=ema, mesh=mesh)
+    return model, config, notes
+
+
+def load_stage(workdir: str, stage: str, config, *, ema: bool = False, mesh=None):
+    """(CATDiffusion with every parameter of `stage`, notes on where each part came from), for
+    a (stage, config) that `resolve_run` gave."""
     from catflax.train import loop, stages
 
-    stage, config = resolve_run(workdir, stage, ema=ema)
     done = finished_stages(workdir)
     mesh = mesh or export_mesh()
     graphdef, params, shardings = _abstract_params(config, mesh)
@@ -254,7 +261,7 @@ def load_run(workdir: str, stage: str | None = None, *, ema: bool = False, mesh=
         for part in missing:
             params[part] = init[part]
         notes.append(f"{', '.join(missing)}: the run's seeded initialisation (seed {config.seed})")
-    return nnx.merge(graphdef, params), config, notes
+    return nnx.merge(graphdef, params), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,11 +440,10 @@ def export_run(
         raise ExportError(f"--dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     dtype = DTYPES[dtype]
     check_out(out, fmt)
-    tokenizer = None
-    if fmt != "reference":  # the tokenizer before the weights: a bad folder fails in seconds
-        stage, config = resolve_run(workdir, stage, ema=ema)
-        tokenizer = run_tokenizer(config)
-    model, config, notes = load_run(workdir, stage, ema=ema)
+    stage, config = resolve_run(workdir, stage, ema=ema)
+    # The tokenizer before the weights: a bad folder fails in seconds.
+    tokenizer = None if fmt == "reference" else run_tokenizer(config)
+    model, notes = load_stage(workdir, stage, config, ema=ema)
     for note in notes:
         report(f"export: {note}")
     if fmt == "reference":

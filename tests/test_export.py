@@ -422,10 +422,10 @@ def test_report_of_a_run_on_an_object_store(run, fake_gcs, monkeypatch, capsys, 
 
 
 def test_an_out_that_is_a_training_workdir_is_refused_before_loading(tmp_path, monkeypatch, capsys):
-    def load_run(*args, **kwargs):
+    def load_stage(*args, **kwargs):
         raise AssertionError("the run was loaded before --out was checked")
 
-    monkeypatch.setattr(export, "load_run", load_run)
+    monkeypatch.setattr(export, "load_stage", load_stage)
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text('{"seed": 0}')  # a training run's config
@@ -460,21 +460,21 @@ def test_an_out_that_is_a_training_workdir_is_refused_before_loading(tmp_path, m
         assert err.count("\n") == 1 and "Traceback" not in err  # one line
     assert json.loads((workdir / "config.json").read_text()) == {"seed": 0}
     assert (mixed / "notes.txt").read_text() == "mine"
-    # The reference file replaces only itself: it may go into any folder, or be named.
-    with pytest.raises(AssertionError, match="loaded before"):
-        export.export_run(str(workdir), str(workdir), fmt="reference")
-    with pytest.raises(AssertionError, match="loaded before"):
-        export.export_run(str(workdir), str(tmp_path / "file.safetensors"), fmt="reference")
+    # The reference file replaces only itself: it may go into any folder, or be named (the
+    # next check is the run's: this one has no finished stage).
+    for out in (workdir, tmp_path / "file.safetensors"):
+        with pytest.raises(export.ExportError, match="no finished stage"):
+            export.export_run(str(workdir), str(out), fmt="reference")
     (mixed / "notes.txt").unlink()
     for out, fmt in ((mixed, "catflax"), (tmp_path / "new", "diffusers"), (broken, "reference")):
         export.check_out(str(out), fmt)  # accepted
 
 
 def test_a_bad_tokenizer_is_refused_before_the_weights_load(tmp_path, monkeypatch, capsys):
-    def load_run(*args, **kwargs):
+    def load_stage(*args, **kwargs):
         raise AssertionError("the weights were loaded before the tokenizer")
 
-    monkeypatch.setattr(export, "load_run", load_run)
+    monkeypatch.setattr(export, "load_stage", load_stage)
     workdir, tokenizer = tmp_path / "run", tmp_path / "tokenizer"
     (workdir / "1a" / "final" / "params").mkdir(parents=True)  # a finished stage
     tokenizer.mkdir()  # empty
