@@ -281,51 +281,6 @@ def cast_model(model, dtype: str):
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model)))
 
 
-def _cast(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    import ml_dtypes
-
-    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    floating = lambda a: a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16  # noqa: E731
-    return {k: v.astype(target) if floating(v) else v for k, v in tensors.items()}
-
-
-def reference_state_dict(model, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Every parameter under the official CAT-Diffusion / LDM names, plus the DDPM buffers."""
-    from catflax.weights import convert, ldm
-
-    prefixes = ldm.COMPONENT_PREFIXES
-    out = {**ldm.unet_to_ldm(model.unet), **ldm.vae_to_ldm(model.vae)}
-    out.update(convert.export_state_dict(model.clip_text, lambda k: prefixes["clip_text"] + k))
-    out.update(convert.export_state_dict(
-        model.clip_vision,
-        lambda k: prefixes["clip_vision"] + k.replace("pre_layernorm", "pre_layrnorm"),
-    ))  # fmt: skip
-    out.update(model.inpainter.state_dict(prefix=prefixes["fusion_model"]))
-    return {**_cast(out, dtype), **ddpm_buffers()}
-
-
-def ddpm_buffers() -> dict[str, np.ndarray]:
-    """LDM's DDPM.register_schedule buffers (float32) for SPEC.md §5's schedule."""
-    from catflax.diffusion import scaled_linear_betas
-
-    betas = scaled_linear_betas()
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
-    abar_prev = np.append(1.0, abar[:-1])
-    posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
-    buffers = dict(
-        betas=betas, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev,
-        sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
-        log_one_minus_alphas_cumprod=np.log(1.0 - abar),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1), posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
-        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
-        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
-    )  # fmt: skip
-    return {k: v.astype(np.float32) for k, v in buffers.items()}
-
-
 def write_catflax(model, out: str, *, tokenizer, resolution: int, sampling, dtype: str) -> None:
     from catflax.pipeline import CATPipeline
 
@@ -342,10 +297,10 @@ def reference_path(out: str) -> str:
 
 def write_reference(model, out: str, dtype: str) -> str:
     """Writes the reference state dict to reference_path(out) atomically; returns that path."""
-    from catflax.weights import io
+    from catflax.weights import io, ldm
 
     path = reference_path(out)
-    tensors = reference_state_dict(model, dtype)
+    tensors = ldm.reference_state_dict(model, dtype)
     with staged_file(path) as tmp:
         io.write_safetensors(tmp, tensors, metadata={"format": "pt"})
     return path

@@ -209,7 +209,7 @@ def test_reference_export_loads_with_the_official_layout_loader(run, final, tmp_
     path = str(tmp_path / export.REFERENCE_FILE)
     state = io.read_safetensors(path)
     parts = ldm.split_checkpoint(state)
-    assert sorted(parts["other"]) == sorted(export.ddpm_buffers())  # nothing but DDPM buffers
+    assert sorted(parts["other"]) == sorted(ldm.ddpm_buffers())  # nothing but DDPM buffers
     assert any(".attn3.to_k." in k for k in parts["unet"]) and any(
         ".norm4." in k for k in parts["unet"]
     )

@@ -213,10 +213,10 @@ def test_reference_export_has_the_official_checkpoint_names():
     import json
     import os
 
-    from catflax.export import ddpm_buffers, reference_state_dict
     from catflax.models.cat import CATConfig, CATDiffusion
     from catflax.models.inpainter import InpainterConfig
     from catflax.models.rngs import rngs
+    from catflax.weights.ldm import ddpm_buffers, reference_state_dict
 
     with open(
         os.path.join(os.path.dirname(__file__), "fixtures", "reference_state_dict_shapes.json")

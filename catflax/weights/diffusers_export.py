@@ -132,12 +132,14 @@ def _write_dir(path: str, config_name: str, config: dict, weights_name="", tenso
 
 def write_diffusers_dirs(model, out: str, *, tokenizer, resolution: int, sampling, dtype: str):
     """Writes the layout of the module docstring for a CATDiffusion `model` to `out`."""
-    from catflax.export import _cast
     from catflax.weights import convert, io
 
     cfg = model.config
     latent_size = resolution // cfg.vae.downsampling_factor
-    export = lambda module, rename=None: _cast(convert.export_state_dict(module, rename), dtype)  # noqa: E731
+
+    def export(module, rename=None):
+        return io.cast_floats(convert.export_state_dict(module, rename), dtype)
+
     unet, adapter = split_adapter(export(model.unet))
     vision_rename = lambda k: k.replace("pre_layernorm", "pre_layrnorm")  # noqa: E731
     directories = (  # (folder, config, weights file, tensors)
@@ -157,7 +159,7 @@ def write_diffusers_dirs(model, out: str, *, tokenizer, resolution: int, samplin
     if adapter:
         io.write_safetensors(os.path.join(out, ADAPTER_FILE), adapter)
     io.write_safetensors(os.path.join(out, INPAINTER_FILE),
-                         _cast(model.inpainter.state_dict(prefix=""), dtype))  # fmt: skip
+                         io.cast_floats(model.inpainter.state_dict(prefix=""), dtype))  # fmt: skip
     parts = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -81,6 +81,15 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=Non
     os.replace(tmp, path)
 
 
+def cast_floats(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Floating-point arrays cast to `dtype` ("float32", "bfloat16", ...); others as they are."""
+    import ml_dtypes
+
+    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    floating = lambda a: a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16  # noqa: E731
+    return {k: v.astype(target) if floating(v) else v for k, v in tensors.items()}
+
+
 def read_pickle(path: str) -> dict[str, np.ndarray]:
     """Reads a PyTorch pickle (.bin/.ckpt) with torch's weights_only loader."""
     try:

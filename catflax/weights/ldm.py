@@ -13,6 +13,8 @@ CAT checkpoints' UNet transformer blocks also have `attn3`/`norm4`: our `ref_att
 
 Everything else (noise-schedule buffers, EMA copies) is reported as ignored. Loading renames our
 diffusers-style names to LDM ones (`unet_ldm_name`, `vae_ldm_name`), so it stays strict.
+`reference_state_dict` writes a CATDiffusion back in this layout, with the DDPM buffers
+(`catflax.export --format=reference`).
 """
 
 from __future__ import annotations
@@ -306,3 +308,38 @@ def vae_to_ldm(
     return {
         k: v[:, :, None, None] if ".mid.attn_1." in k and v.ndim == 2 else v for k, v in out.items()
     }
+
+
+def reference_state_dict(model, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Every parameter under the official CAT-Diffusion / LDM names, plus the DDPM buffers."""
+    prefixes = COMPONENT_PREFIXES
+    out = {**unet_to_ldm(model.unet), **vae_to_ldm(model.vae)}
+    out.update(convert.export_state_dict(model.clip_text, lambda k: prefixes["clip_text"] + k))
+    out.update(convert.export_state_dict(
+        model.clip_vision,
+        lambda k: prefixes["clip_vision"] + k.replace("pre_layernorm", "pre_layrnorm"),
+    ))  # fmt: skip
+    out.update(model.inpainter.state_dict(prefix=prefixes["fusion_model"]))
+    return {**io.cast_floats(out, dtype), **ddpm_buffers()}
+
+
+def ddpm_buffers() -> dict[str, np.ndarray]:
+    """LDM's DDPM.register_schedule buffers (float32) for SPEC.md §5's schedule."""
+    from catflax.diffusion import scaled_linear_betas
+
+    betas = scaled_linear_betas()
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.append(1.0, abar[:-1])
+    posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+    buffers = dict(
+        betas=betas, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev,
+        sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+        log_one_minus_alphas_cumprod=np.log(1.0 - abar),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1), posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=np.log(np.maximum(posterior_variance, 1e-20)),
+        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+    )  # fmt: skip
+    return {k: v.astype(np.float32) for k, v in buffers.items()}
