@@ -15,6 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from catflax import evaluate
+from catflax.data import eval_examples
 from catflax.metrics import inception
 from catflax.models.cat import CATDiffusion
 from catflax.pipeline import CATPipeline
@@ -120,7 +121,7 @@ def test_evaluate_writes_images_metrics_and_contact_sheet(setup, tmp_path, capsy
             np.asarray(Image.open(out / row[k])) for k in ("image", "input", "mask")
         )
         assert image.shape == original.shape == (RES, RES, 3) and mask.shape == (RES, RES)
-        np.testing.assert_array_equal(mask, evaluate.filled_box(mask))  # a filled box
+        np.testing.assert_array_equal(mask, eval_examples.filled_box(mask))  # a filled box
         assert set(np.unique(mask)) <= {0, 255} and mask.any()
         np.testing.assert_array_equal(image[mask == 0], original[mask == 0])
         assert not np.array_equal(image[mask > 0], original[mask > 0])  # generated inside
@@ -137,7 +138,7 @@ def test_sharded_sampling_equals_the_pipeline(setup):
     from catflax.data import sources
 
     source = sources.open_tfds(DATASET, "validation", data_dir)
-    examples, _ = evaluate.read_examples(source, 8, "seg", RES)
+    examples, _ = eval_examples.read_examples(source, 8, "seg", RES)
     sampler = evaluate.ShardedSampler(pipe)
     batch = pipe.prepare([(Image.fromarray(e.image), e.model_mask) for e in examples])
     batch["input_ids"] = sampler.tokenize([e.prompt for e in examples])
@@ -196,19 +197,19 @@ def test_examples_get_soft_masks_and_stored_boxes():
     box = np.array([0.1, 0.2, 0.9, 0.8], np.float32)  # looser than the mask, as annotations are
     record = dict(image=_png(image), mask=records.encode_png(mask), box=box, example_id="e0",
                   label="a ball")  # fmt: skip
-    (seg,), _ = evaluate.read_examples([record], 1, "seg", 32)
+    (seg,), _ = eval_examples.read_examples([record], 1, "seg", 32)
     soft = np.asarray(Image.fromarray(mask).resize((32, 32)))
     np.testing.assert_array_equal(seg.model_mask, soft)
     assert ((soft > 0) & (soft < 255)).any()  # soft edges reach the model
     np.testing.assert_array_equal(seg.mask, np.where(soft >= 128, 255, 0))
-    (boxed,), _ = evaluate.read_examples([record], 1, "box", 32)
+    (boxed,), _ = eval_examples.read_examples([record], 1, "box", 32)
     reference = np.zeros((32, 32), np.uint8)  # the reference's filled cv2.rectangle (x, y)
     cv2.rectangle(reference, (6, 3), (25, 28), 255, -1)  # int(0.2 * 32), ..., int(0.9 * 32)
     np.testing.assert_array_equal(boxed.mask, reference)
     np.testing.assert_array_equal(boxed.model_mask, boxed.mask)
     no_box = dict(record, box=np.zeros(4, np.float32))  # none stored: the mask's extent
-    (extent,), _ = evaluate.read_examples([no_box], 1, "box", 32)
-    np.testing.assert_array_equal(extent.mask, evaluate.filled_box(seg.mask))
+    (extent,), _ = eval_examples.read_examples([no_box], 1, "box", 32)
+    np.testing.assert_array_equal(extent.mask, eval_examples.filled_box(seg.mask))
 
 
 def test_unusable_records_are_skipped_and_counted():
@@ -232,10 +233,10 @@ def test_unusable_records_are_skipped_and_counted():
         dict(good, example_id="last"),
     ]
     for masks in ("seg", "box"):
-        examples, skipped = evaluate.read_examples(source, 1, masks, 16)
+        examples, skipped = eval_examples.read_examples(source, 1, masks, 16)
         assert [e.example_id for e in examples] == ["good"], masks
         assert skipped == dict(no_mask=1, corrupt=2, empty_mask=2), masks
-    examples, skipped = evaluate.read_examples(source, 5, "seg", 16)
+    examples, skipped = eval_examples.read_examples(source, 5, "seg", 16)
     assert [e.index for e in examples] == [5, 7] and skipped["corrupt"] == 3
 
 
@@ -263,9 +264,9 @@ def test_filled_box():
     mask = np.zeros((10, 12), np.uint8)
     mask[2, 3] = mask[6, 8] = 255
     mask[9, 0] = 100  # below 128: not masked
-    box = evaluate.filled_box(mask)
+    box = eval_examples.filled_box(mask)
     assert box[2:7, 3:9].min() == 255 and box.sum() == 255 * 5 * 6
-    assert not evaluate.filled_box(np.zeros((4, 4), np.uint8)).any()
+    assert not eval_examples.filled_box(np.zeros((4, 4), np.uint8)).any()
 
 
 def test_bad_input_is_a_clear_error(setup, tmp_path, capsys):

@@ -5,4 +5,5 @@
 - `pipeline`: the grain pipeline -> host-local numpy batches (`make_iterator`, `batch_spec`).
 - `geometry`: one example's mask augmentation, resize, crop and model inputs.
 - `synthetic`: the generated shapes and colour checks; `records`: the stored record format.
+- `eval_examples`: the examples `catflax.evaluate` scores, at the model resolution.
 """
