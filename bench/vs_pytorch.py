@@ -50,27 +50,16 @@ from bench import common
 from bench import torch_reference as ref
 from catflax import sharding as sharding_lib
 from catflax.models.cat import CATConfig, CATDiffusion
-from catflax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from catflax.models.inpainter import InpainterConfig, SemanticInpainter
+from catflax.models.clip import CLIPTextModel, CLIPVisionModel
+from catflax.models.inpainter import SemanticInpainter
 from catflax.models.rngs import abstract_module
-from catflax.models.unet import UNet, UNetConfig
-from catflax.models.vae import AutoencoderKL, VAEConfig
+from catflax.models.unet import UNet
+from catflax.models.vae import AutoencoderKL
 from catflax.train.steps import compiled_flops, create_state, jit_step
 from catflax.weights import convert
+from configs import cpu_bench
 
-# UNet 64-128-256-256 (SD-1.5's layout at 1/5 width), 4-layer CLIP towers and inpainter of
-# width 256, VAE 32-64-128-128; 256 px images -> 32x32 latents, 112 px CLIP input (16x16 grid).
-BENCH_CAT = CATConfig(
-    clip_text=CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4),
-    clip_vision=CLIPVisionConfig(image_size=112, patch_size=7, hidden_size=256,
-                                 intermediate_size=1024, num_layers=4, num_heads=4),
-    vae=VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=16),
-    unet=UNetConfig(block_out_channels=(64, 128, 256, 256), num_heads=2, cross_attention_dim=256,
-                    ref_dim=256),
-    inpainter=InpainterConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
-                              label_size=256, label_intermediate_size=1024,
-                              spatial_intermediate_size=1024, global_intermediate_size=1024),
-)  # fmt: skip
+BENCH_CAT = cpu_bench.MODEL  # configs/cpu_bench.py: ours alone with bench/train_step.py
 PARTS = ("clip_text", "clip_vision", "vae", "unet", "inpainter")
 TOWERS = ("clip_text", "clip_vision", "vae")
 
@@ -136,11 +125,9 @@ def graphdef_for(cfg: CATConfig) -> nnx.GraphDef:
 
 
 def bench_config(cfg: CATConfig):
-    """A run config (configs/base.py) for `common.stage_setup`; AdamW without clipping, as the
-    PyTorch step."""
-    from configs import base
-
-    config = base.get_config()
+    """A run config (configs/cpu_bench.py) for `common.stage_setup`: AdamW without clipping, as
+    the PyTorch step."""
+    config = cpu_bench.get_config()
     config.optimizer.grad_clip_norm = 0.0
     return config
 
