@@ -1,11 +1,15 @@
 """Multi-host start-up: `initialize_distributed()` first thing in main, before any other JAX call.
 
-Where it runs, and what it does there (first match wins; Open MPI before SLURM, as in JAX):
+Where it runs, and what it does there (first match wins; Open MPI before SLURM as in JAX, and
+torchrun and MPICH before SLURM too):
 - `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` all set: those.
 - a process started by Open MPI's `mpirun` (`OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_RANK`): the
   coordinator from `JAX_COORDINATOR_ADDRESS` or, as in JAX, mpirun's host.
 - a torchrun-style launch (`WORLD_SIZE`, `RANK`): the coordinator from `JAX_COORDINATOR_ADDRESS`
   or `MASTER_ADDR`, on port `MASTER_PORT` + 1 (torchrun's own store holds `MASTER_PORT`).
+- a process started by MPICH's or Intel MPI's `mpiexec`/`mpirun` (Hydra: `PMI_SIZE`, `PMI_RANK`):
+  the coordinator from `JAX_COORDINATOR_ADDRESS` only (Hydra names no address JAX could use).
+  An srun task with Slurm's own PMI-2 variables (equal to `SLURM_NTASKS`, `SLURM_PROCID`) is not.
 - an srun task (`SLURM_JOB_ID`, `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_STEP_NODELIST`): the
   coordinator from `JAX_COORDINATOR_ADDRESS` or the step's first node. A job's batch shell is one
   process (it has no `SLURM_STEP_NODELIST`).
@@ -39,8 +43,8 @@ class ClusterConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ClusterPlan:
-    """How to start JAX here: `source` is "single", "env", "openmpi", "torchrun", "slurm" or
-    "tpu"."""
+    """How to start JAX here: `source` is "single", "env", "openmpi", "torchrun", "mpich", "slurm"
+    or "tpu"."""
 
     source: str
     num_processes: int = 1
@@ -191,11 +195,38 @@ def _torchrun_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
                           per_host)  # fmt: skip
 
 
-def _slurm_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
+def _is_srun_task(environ: Mapping[str, str]) -> bool:
     # SLURM_STEP_NODELIST: an srun task. The job's batch shell has the job's SLURM_NTASKS and
     # SLURM_PROCID=0 too, but is one process (JAX's SLURM detection draws the same line).
-    if not all(name in environ for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",
-                                            "SLURM_STEP_NODELIST")):  # fmt: skip
+    return all(name in environ for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID",
+                                            "SLURM_STEP_NODELIST"))  # fmt: skip
+
+
+def _mpich_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
+    if "PMI_SIZE" not in environ:
+        return None
+    # Slurm's PMI-2 (srun --mpi=pmi2) gives each task PMI_SIZE and PMI_RANK too, equal to its
+    # SLURM_NTASKS and SLURM_PROCID: an srun task, for the SLURM plan. Hydra's processes in a
+    # SLURM job see instead the step that srun started Hydra's proxies in (one task per node).
+    srun_ids = (environ.get("SLURM_NTASKS"), environ.get("SLURM_PROCID"))
+    if _is_srun_task(environ) and (environ["PMI_SIZE"], environ.get("PMI_RANK")) == srun_ids:
+        return None
+
+    def coordinator() -> str:  # Hydra publishes no address of process 0's host
+        raise ClusterConfigError(
+            f"PMI_SIZE={environ['PMI_SIZE']} (started by MPICH's or Intel MPI's mpiexec), but "
+            "mpiexec names no coordinator: set JAX_COORDINATOR_ADDRESS=host:port, the first "
+            "process's host and a port free there"
+        )
+
+    local = environ.get("MPI_LOCALNRANKS")
+    per_host = _int_var(environ, "MPI_LOCALNRANKS") if local else 1
+    return _launcher_plan(environ, "mpich", "PMI_SIZE", "PMI_RANK", coordinator,
+                          "MPI_LOCALRANKID", per_host)  # fmt: skip
+
+
+def _slurm_plan(environ: Mapping[str, str]) -> ClusterPlan | None:
+    if not _is_srun_task(environ):
         return None
 
     def coordinator() -> str:  # as JAX's SlurmCluster: the step's first node
@@ -247,16 +278,16 @@ def plan_cluster(
             return ClusterPlan("single")
         address = _check_address("JAX_COORDINATOR_ADDRESS", environ["JAX_COORDINATOR_ADDRESS"])
         return ClusterPlan("env", count, process_id, address)
-    # Open MPI and torchrun before SLURM: run inside a SLURM job, their processes also see the
-    # variables of the srun step that started their launcher (one task per node).
-    for launcher_plan in (_openmpi_plan, _torchrun_plan, _slurm_plan):
+    # Open MPI, torchrun and MPICH before SLURM: run inside a SLURM job, their processes also see
+    # the variables of the srun step that started their launcher (one task per node).
+    for launcher_plan in (_openmpi_plan, _torchrun_plan, _mpich_plan, _slurm_plan):
         if (plan := launcher_plan(environ)) is not None:
             return plan
     if present:
         missing = [name for name in jax_vars if name not in present]
         raise ClusterConfigError(
             f"{', '.join(present)} set but not {', '.join(missing)} (and not started by srun, "
-            "mpirun or torchrun)"
+            "mpirun, mpiexec or torchrun)"
         )
     if environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_JOB_ID" in environ:
         logging.warning(
@@ -279,6 +310,8 @@ _PLAN_SOURCES = {
     "JAX_COORDINATOR_ADDRESS or mpirun's host",
     "torchrun": "WORLD_SIZE and RANK; the coordinator from JAX_COORDINATOR_ADDRESS or "
     "MASTER_ADDR, port MASTER_PORT + 1",
+    "mpich": "PMI_SIZE and PMI_RANK (MPICH or Intel MPI mpiexec); the coordinator from "
+    "JAX_COORDINATOR_ADDRESS",
     "slurm": "SLURM_NTASKS and SLURM_PROCID; the coordinator from JAX_COORDINATOR_ADDRESS or the "
     "step's first node",
     "tpu": "the Cloud TPU slice's workers",

@@ -242,6 +242,64 @@ def test_torchrun_style_variables():
         plan_cluster({**env, "RANK": "8"}, must_not_ask)
 
 
+def mpich_env(**overrides: str) -> dict[str, str]:
+    env = {  # what MPICH's or Intel MPI's mpiexec (Hydra) -n 16 -ppn 8 gives rank 9
+        "PMI_SIZE": "16",
+        "PMI_RANK": "9",
+        "PMI_FD": "6",
+        "MPI_LOCALRANKID": "1",
+        "MPI_LOCALNRANKS": "8",
+        "JAX_COORDINATOR_ADDRESS": "node0:1234",
+    }
+    env.update(overrides)
+    return env
+
+
+def test_mpich_hydra_variables():
+    """mpiexec's processes were single ones before (each training alone into one workdir)."""
+    expected = ClusterPlan("mpich", 16, 9, "node0:1234", (1,))
+    assert plan_cluster(mpich_env(), must_not_ask) == expected
+    one_per_host = mpich_env(MPI_LOCALNRANKS="1", MPI_LOCALRANKID="0")
+    assert plan_cluster(one_per_host, must_not_ask).local_device_ids is None
+    with pytest.raises(ClusterConfigError, match=r"PMI_RANK=16 is not in \[0, PMI_SIZE=16\)"):
+        plan_cluster(mpich_env(PMI_RANK="16"), must_not_ask)
+    with pytest.raises(ClusterConfigError, match="JAX_COORDINATOR_ADDRESS='node0' is not HOST"):
+        plan_cluster(mpich_env(JAX_COORDINATOR_ADDRESS="node0"), must_not_ask)
+
+
+def test_mpich_needs_a_coordinator_address():
+    """Hydra publishes no address of process 0's host: JAX_COORDINATOR_ADDRESS must say it."""
+    env = mpich_env()
+    del env["JAX_COORDINATOR_ADDRESS"]
+    with pytest.raises(ClusterConfigError, match="PMI_SIZE=16 .*set JAX_COORDINATOR_ADDRESS"):
+        plan_cluster(env, must_not_ask)
+    single = {"PMI_SIZE": "1", "PMI_RANK": "0", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "1"}
+    assert plan_cluster(single, must_not_ask) == ClusterPlan("single")
+
+
+def test_mpich_count_or_id_that_contradicts_jax_variables_is_refused():
+    with pytest.raises(ClusterConfigError, match=r"JAX_NUM_PROCESSES=8 but PMI_SIZE=16 \(mpich\)"):
+        plan_cluster(mpich_env(JAX_NUM_PROCESSES="8"), must_not_ask)
+    with pytest.raises(ClusterConfigError, match="JAX_PROCESS_ID=0 but PMI_RANK=9"):
+        plan_cluster(mpich_env(JAX_PROCESS_ID="0"), must_not_ask)
+
+
+def test_mpich_in_slurm_and_srun_with_pmi2():
+    """mpiexec in a SLURM job starts its proxies with srun (one task per node): its processes
+    see that step's SLURM_* too, but PMI_* say the count. An srun task with Slurm's PMI-2
+    (srun --mpi=pmi2) has PMI_* equal to SLURM_NTASKS / SLURM_PROCID: the SLURM plan."""
+    proxy_step = slurm_env(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0",
+                           SLURM_TASKS_PER_NODE="1(x2)")  # fmt: skip
+    in_slurm = {**proxy_step, **mpich_env()}
+    assert plan_cluster(in_slurm, must_not_ask) == ClusterPlan("mpich", 16, 9, "node0:1234", (1,))
+    del in_slurm["JAX_COORDINATOR_ADDRESS"]  # not the proxy step's first node: the error
+    with pytest.raises(ClusterConfigError, match="PMI_SIZE=16 .*set JAX_COORDINATOR_ADDRESS"):
+        plan_cluster(in_slurm, must_not_ask)
+    pmi2_task = slurm_env(PMI_SIZE="16", PMI_RANK="9", PMI_FD="7", PMI_JOBID="1234.0")
+    expected = ClusterPlan("slurm", 16, 9, "gpu003:62674", (1,))
+    assert plan_cluster(pmi2_task, must_not_ask) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # TPU
 
@@ -402,7 +460,7 @@ def cluster_env(style: str, process_id: int, port: int) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "JAX_", "TPU_", "MEGASCALE_", "OMPI_"))
+        if not k.startswith(("SLURM_", "JAX_", "TPU_", "MEGASCALE_", "OMPI_", "PMI_"))
         and k not in ("WORLD_SIZE", "RANK")
     }
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
