@@ -2,6 +2,7 @@
 snippets they run on TPU workers (executed here in a stand-in home), and the GPU XLA flags."""
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -64,10 +65,59 @@ def fails(tmp_path: Path, script: str, *args: str, message: str, **env: str) -> 
     assert result.stdout == ""
 
 
+FAKE_GCLOUD = """#!{python}
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as log:
+    log.write(json.dumps(args) + "\\n")
+group, verb = args[2:4]  # compute tpus GROUP VERB
+if verb == "describe":
+    if "FAKE_STATE" in os.environ:
+        sys.exit(print(os.environ["FAKE_STATE"]))
+    error = os.environ.get("FAKE_DESCRIBE_ERROR", "NOT_FOUND: Resource '...' was not found.")
+    sys.exit(f"ERROR: (gcloud.compute.tpus.{{group}}.{{verb}}) {{error}}")
+if verb == "ssh":
+    if "FAKE_SSH_STATUS" in os.environ:  # ssh itself failed on a worker
+        sys.exit(int(os.environ["FAKE_SSH_STATUS"]))
+    command = next(a.removeprefix("--command=") for a in args if a.startswith("--command="))
+    statuses = [subprocess.run(["sh", "-c", command], env={{**os.environ, "HOME": home}}).returncode
+                for home in {workers!r}]
+    # current gcloud: the first non-zero status of a worker; before, always 0
+    sys.exit(0 if "FAKE_OLD_GCLOUD" in os.environ else next((s for s in statuses if s), 0))
+"""
+
+
+def fake_gcloud(tmp_path: Path, workers: list[Path] | None = None) -> dict[str, str]:
+    """A gcloud on PATH that records its arguments (gcloud_calls). describe finds the slice where
+    FAKE_STATE is set (and prints it), else fails with NOT_FOUND (or FAKE_DESCRIBE_ERROR); create
+    succeeds; `tpu-vm ssh --command=C` runs C with sh in each stand-in worker home."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    gcloud = bin_dir / "gcloud"
+    log = str(tmp_path / "gcloud-calls.jsonl")
+    homes = [str(w) for w in workers or []]
+    gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable, log=log, workers=homes))
+    gcloud.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def gcloud_calls(tmp_path: Path) -> list[list[str]]:
+    """The fake gcloud's calls since the last look, each as its arguments."""
+    log = tmp_path / "gcloud-calls.jsonl"
+    calls = [["gcloud", *json.loads(line)] for line in log.read_text().splitlines()]
+    log.unlink()
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------
 # create / delete / status: the exact gcloud arguments
 
 QUEUED = ["gcloud", "compute", "tpus", "queued-resources", "create", "cat1", "--node-id=cat1"]
+# create.sh first asks whether it exists (then creates nothing); --dry-run shows that check too.
+DESCRIBE_QUEUED = [
+    *["gcloud", "compute", "tpus", "queued-resources", "describe", "cat1", "--zone=us-central2-b"],
+    *["--format=value(state.state)", "--quiet"],
+]
 
 
 @pytest.mark.parametrize(
@@ -83,9 +133,10 @@ QUEUED = ["gcloud", "compute", "tpus", "queued-resources", "create", "cat1", "--
 def test_create_queued_resource(tmp_path, accelerator, gcloud_type, version):
     zone = ["--zone=us-central2-b"]
     typed = [f"--accelerator-type={gcloud_type}", f"--runtime-version={version}"]
-    assert tpu(tmp_path, "create", "--accelerator", accelerator) == [QUEUED + zone + typed]
+    queued = [DESCRIBE_QUEUED, QUEUED + zone + typed]
+    assert tpu(tmp_path, "create", "--accelerator", accelerator) == queued
     spot = tpu(tmp_path, "create", f"--accelerator={accelerator}", "--spot")
-    assert spot == [[*QUEUED, *zone, *typed, "--spot"]]
+    assert spot == [DESCRIBE_QUEUED, [*QUEUED, *zone, *typed, "--spot"]]
 
 
 def test_network_flags_reach_gcloud(tmp_path):
@@ -93,7 +144,8 @@ def test_network_flags_reach_gcloud(tmp_path):
     net = dict(CATFLAX_CREATE_FLAGS="--internal-ips --network=net1",
                CATFLAX_SSH_FLAGS="--tunnel-through-iap")  # fmt: skip
     create = dry_run(tmp_path, "launch/tpu/create.sh", *TARGET, "--accelerator", "v4-8", **net)
-    assert create[0][-2:] == ["--internal-ips", "--network=net1"]
+    assert create[1][-2:] == ["--internal-ips", "--network=net1"]
+    assert "--network=net1" not in create[0]  # not for the describe
     _, scp, ssh = dry_run(tmp_path, "launch/tpu/setup.sh", *TARGET, **net)
     assert "--tunnel-through-iap" in scp and "--tunnel-through-iap" in ssh
     (logs,) = dry_run(tmp_path, "launch/tpu/logs.sh", *TARGET, **net)
@@ -102,23 +154,25 @@ def test_network_flags_reach_gcloud(tmp_path):
 
 def test_create_options(tmp_path):
     args = ["--accelerator", "v4-32", "--project", "my-proj", "--reserved"]
-    assert tpu(tmp_path, "create", *args, "--runtime-version", "v2-alpha-tpuv4") == [
+    assert tpu(tmp_path, "create", *args, "--runtime-version", "v2-alpha-tpuv4")[1:] == [
         [
             *[*QUEUED, "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v4-32"],
             *["--runtime-version=v2-alpha-tpuv4", "--reserved"],
         ]
     ]
     direct = ["gcloud", "compute", "tpus", "tpu-vm", "create", "cat1", "--zone=us-central2-b"]
+    describe = ["gcloud", "compute", "tpus", "tpu-vm", "describe", "cat1", "--zone=us-central2-b"]
     assert tpu(tmp_path, "create", "--accelerator", "v5p-8", "--direct", "--preemptible") == [
-        [*direct, "--accelerator-type=v5p-8", "--version=v2-alpha-tpuv5", "--preemptible"]
+        [*describe, "--format=value(state)", "--quiet"],
+        [*direct, "--accelerator-type=v5p-8", "--version=v2-alpha-tpuv5", "--preemptible"],
     ]
-    assert tpu(tmp_path, "create", "--accelerator", "v6e-8", "--direct", "--spot") == [
+    assert tpu(tmp_path, "create", "--accelerator", "v6e-8", "--direct", "--spot")[1:] == [
         [*direct, "--accelerator-type=v6e-8", "--version=v2-alpha-tpuv6e", "--spot"]
     ]
     # the zone and the name can come from the environment
     env = {"CATFLAX_TPU_NAME": "cat1", "CATFLAX_TPU_ZONE": "us-central2-b"}
     commands = dry_run(tmp_path, "launch/tpu/create.sh", "--accelerator", "v4-8", **env)
-    assert commands[0][:8] == [*QUEUED, "--zone=us-central2-b"]
+    assert commands == [DESCRIBE_QUEUED, [*QUEUED, "--zone=us-central2-b", *commands[1][8:]]]
 
 
 def test_create_rejects_bad_requests(tmp_path):
@@ -146,6 +200,35 @@ def test_delete_and_status(tmp_path):
     ]
     assert tpu(tmp_path, "status") == [[*queued, "describe", "cat1", zone]]
     assert tpu(tmp_path, "status", "--direct") == [[*vm, "describe", "cat1", zone]]
+
+
+def test_create_makes_only_what_does_not_exist(tmp_path):
+    """Rerunning create.sh (after a partial failure, or to be sure) creates no second slice."""
+    gcloud = fake_gcloud(tmp_path)
+    create = "launch/tpu/create.sh"
+    for direct in ([], ["--direct"]):
+        args = [*TARGET, "--accelerator", "v4-8", "--project", "p", *direct]
+        check, make = tpu(tmp_path, "create", *args[4:])  # what runs: the dry run's commands
+        assert check[4] == "describe" and "--project=p" in check
+        exists = launch(tmp_path, create, *args, FAKE_STATE="ACTIVE", **gcloud)
+        assert exists.returncode == 0, exists.stderr
+        assert "already exists (state: ACTIVE): nothing to create" in exists.stdout
+        assert gcloud_calls(tmp_path) == [check]
+        created = launch(tmp_path, create, *args, **gcloud)
+        assert created.returncode == 0, created.stderr
+        assert gcloud_calls(tmp_path) == [check, make]
+    args = [*TARGET, "--accelerator", "v4-8"]
+    for more, delete in (([], "delete.sh,"), (["--direct"], "delete.sh --direct,")):
+        failed = launch(tmp_path, create, *args, *more, FAKE_STATE="FAILED", **gcloud)
+        assert failed.returncode == 2 and f"{delete} then create.sh again" in failed.stderr
+        assert "exists in state FAILED and will not come up" in failed.stderr
+        assert len(gcloud_calls(tmp_path)) == 1
+    # any other error of the check (auth, API, network): shown, and nothing is created
+    denied = "PERMISSION_DENIED: Permission 'tpu.queuedResources.get' denied"
+    refused = launch(tmp_path, create, *args, FAKE_DESCRIBE_ERROR=denied, **gcloud)
+    assert refused.returncode == 2 and denied in refused.stderr
+    assert "could not tell whether the queued resource cat1 exists" in refused.stderr
+    assert [call[4] for call in gcloud_calls(tmp_path)] == ["describe"]
 
 
 def test_missing_gcloud_or_target_is_a_clear_error(tmp_path):
@@ -241,12 +324,19 @@ def test_setup_copies_weights_from_gcs(tmp_path):
 
 RUN_ARGS = ["--config", "configs/coco.py", "--workdir", "gs://bucket/runs/coco"]
 MAIN = "~/catflax-venv/bin/python -m catflax.main --config=configs/coco.py"
+# run.sh first checks every worker with this alone, then starts (with it again) where none failed.
+GUARD = (
+    'if [ -e ~/catflax-run.pid ] && kill -0 "$(cat ~/catflax-run.pid)" 2>/dev/null; then'
+    ' echo "catflax already runs on $(hostname): stop.sh first"{}; exit 1; fi'
+)
 
 
 def test_run_on_all_workers(tmp_path):
     env = ["--env", "LIBTPU_INIT_ARGS=--a=1 --b", "--env=X=1"]
-    (ssh,) = tpu(tmp_path, "run", *RUN_ARGS, *env, "--", "--x=1")
+    check, ssh = tpu(tmp_path, "run", *RUN_ARGS, *env, "--", "--x=1")
+    assert remote_command(check) == GUARD.format("")  # every worker checked before any starts
     command = remote_command(ssh)
+    assert command.startswith(f"cd ~/catflax || exit 1; {GUARD.format(' >&2')}; ")
     main = f"{MAIN} --workdir=gs://bucket/runs/coco --x=1"
     record = "echo $? > ~/catflax-run.status"  # sh -c '...' records the exit status
     env_words = "env LIBTPU_INIT_ARGS='\\''--a=1 --b'\\'' X=1"
@@ -255,7 +345,8 @@ def test_run_on_all_workers(tmp_path):
         in command
     )
     # --foreground starts the same background run, then follows the logs (Ctrl-C: only that).
-    start, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+    check, start, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+    assert remote_command(check) == GUARD.format("")
     assert f"nohup sh -c 'trap : TERM; {MAIN} --workdir=gs://bucket/runs/coco" in remote_command(
         start
     )
@@ -282,15 +373,13 @@ def test_logs_commands(tmp_path):
     fails(tmp_path, "launch/tpu/logs.sh", *TARGET, "--worker", "x", message="--worker wants")
 
 
-@pytest.mark.parametrize("shell", ["bash", "dash"])
-def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
-    """run.sh/logs.sh/stop.sh's remote commands, run by a worker's shell in a stand-in home."""
-    home = tmp_path / "home"
+def stand_in_worker(home: Path) -> Path:
+    """A worker's home after setup.sh: ~/catflax and a venv whose python records how it was
+    started, then trains "forever" with a helper process in its process group (like grain
+    workers)."""
     (home / "catflax").mkdir(parents=True)
     python = home / "catflax-venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
-    # Stands in for the venv's python: records how it was started, then trains "forever" with a
-    # helper process in its process group (like grain workers).
     python.write_text(
         "#!/bin/sh\n"
         'printf "%s\\n" "$PWD" "$RUN_TAG" "$@" > "$HOME/args.txt"\n'
@@ -300,6 +389,13 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
         "exec sleep 60\n"
     )
     python.chmod(0o755)
+    return home
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
+    """run.sh/logs.sh/stop.sh's remote commands, run by a worker's shell in a stand-in home."""
+    home = stand_in_worker(tmp_path / "home")
     env = {**script_env(tmp_path), "HOME": str(home)}
 
     def worker(command: str) -> subprocess.CompletedProcess:
@@ -309,9 +405,14 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
 
     # an override with quotes, $, backquotes, a comma, ; and * reaches catflax.main unchanged
     nasty = """--config.data.prompt=it's $HOME "q" `echo hi`, a;b *"""
-    (run,) = tpu(tmp_path, "run", *RUN_ARGS, "--env", "RUN_TAG=a b", "--", "--config.seed=3", nasty)
+    check, run = tpu(tmp_path, "run", *RUN_ARGS, "--env", "RUN_TAG=a b", "--", "--config.seed=3",
+                     nasty)  # fmt: skip
     (logs,) = tpu(tmp_path, "logs", "--no-follow")
     (stop,) = tpu(tmp_path, "stop", "--grace", "5")
+    free = worker(remote_command(check))  # run.sh's check of every worker before it starts
+    assert free.returncode == 0 and free.stdout == free.stderr == ""
+    (home / "catflax-run.pid").write_text("999999999")  # a stale pid file: no live run either
+    assert worker(remote_command(check)).returncode == 0
     started = worker(remote_command(run))
     assert started.returncode == 0, started.stderr
     assert "catflax started on" in started.stdout
@@ -330,6 +431,9 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
         ]
         assert os.getpgid(pid) == pid  # the run leads its own process group
 
+        busy = worker(remote_command(check))
+        assert busy.returncode == 1
+        assert re.fullmatch(r"catflax already runs on \S+: stop.sh first\n", busy.stdout)
         again = worker(remote_command(run))
         assert again.returncode == 1 and "already runs" in again.stderr
 
@@ -342,15 +446,16 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
             os.killpg(pid, 0)  # the whole group is gone
         assert not (home / "catflax-run.pid").exists()
         assert "no catflax run" in worker(remote_command(stop)).stdout
+        assert worker(remote_command(check)).returncode == 0
         # --foreground: follow the logs until the run ends, then report its exit status. The
         # stand-in dies of SIGTERM (143); catflax saves a checkpoint and exits 0.
-        _, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
+        _, _, follow, status = tpu(tmp_path, "run", *RUN_ARGS, "--foreground")
         stopped_status = worker(remote_command(status))
         assert stopped_status.returncode == 143 and "exited with 143" in stopped_status.stdout
         (home / "catflax-run.status").unlink()
         assert "no exit status" in worker(remote_command(status)).stderr
         failing = [*RUN_ARGS, "--env", "RUN_TAG=fails", "--foreground"]
-        start, follow, status = tpu(tmp_path, "run", *failing)
+        _, start, follow, status = tpu(tmp_path, "run", *failing)
         assert worker(remote_command(start)).returncode == 0
         pid = int((home / "catflax-run.pid").read_text())
         assert worker(remote_command(follow)).stdout == "failing\n"  # returns when it ends
@@ -359,6 +464,43 @@ def test_worker_snippets_start_guard_show_and_stop_a_run(tmp_path, shell):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("old_gcloud", [False, True], ids=["gcloud", "gcloud-exit-0"])
+def test_run_starts_nothing_while_any_worker_runs(tmp_path, old_gcloud):
+    """run.sh checks every worker first: with a live run on one, it starts none (the others would
+    try to join the old run), whether gcloud reports the failing worker (current gcloud) or not."""
+    homes = [stand_in_worker(tmp_path / f"worker{i}") for i in range(2)]
+    gcloud = fake_gcloud(tmp_path, homes)
+    if old_gcloud:
+        gcloud["FAKE_OLD_GCLOUD"] = "1"
+    check, start = tpu(tmp_path, "run", *RUN_ARGS)
+    with subprocess.Popen(["sleep", "30"]) as live:
+        (homes[1] / "catflax-run.pid").write_text(str(live.pid))
+        refused = launch(tmp_path, "launch/tpu/run.sh", *TARGET, *RUN_ARGS, **gcloud)
+        live.kill()
+    assert refused.returncode == 2, refused.stderr
+    assert "catflax already runs on" in refused.stdout
+    assert "stop.sh first; nothing was started" in refused.stderr
+    assert gcloud_calls(tmp_path) == [check]  # no start command
+    assert not (homes[0] / "catflax-run.pid").exists()
+    if not old_gcloud:  # a worker that could not be checked (ssh failed there): no start either
+        unchecked = launch(tmp_path, "launch/tpu/run.sh", *TARGET, *RUN_ARGS, **gcloud,
+                           FAKE_SSH_STATUS="255")  # fmt: skip
+        assert unchecked.returncode == 2
+        assert "(gcloud exit status 255; see above): nothing was started" in unchecked.stderr
+        assert gcloud_calls(tmp_path) == [check]
+    # no live run anywhere (worker 1's pid file is stale now): it starts on every worker
+    started = launch(tmp_path, "launch/tpu/run.sh", *TARGET, *RUN_ARGS, **gcloud)
+    pids = [int(h.read_text()) for h in (w / "catflax-run.pid" for w in homes) if h.exists()]
+    try:
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.count("catflax started on") == 2 and len(pids) == 2
+        assert gcloud_calls(tmp_path) == [check, start]
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
