@@ -1,5 +1,6 @@
 """CLIP score, mask crops and CLIP embeddings: parity with transformers' CLIPModel."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ import transformers
 from PIL import Image
 
 from catflax.metrics import clip_score, distances
+from catflax.preprocess import clip_normalize
 from catflax.tokenizer import load_tokenizer, tokenize
 from catflax.weights.io import WeightFileError
 from tests.torch_utils import perturb_vectors
@@ -232,3 +234,21 @@ def test_compute_metrics_runs_every_metric(tiny_clip, tmp_path):
     assert np.isfinite([one[k] for k in ("cmmd", "clip_score", "mse_outside")]).all()
     with pytest.raises(ValueError, match="no generated images"):
         suite.compute_metrics([], [], [], [])
+
+
+def test_float_images_are_refused(tiny_clip):
+    """CLIPScorer takes uint8 images: floats are refused in either scale (those in [0, 1] would
+    be 255 times too dark); the model's embed_image takes clip_normalize's pixels, not 0..255."""
+    model, path = tiny_clip
+    scorer = clip_score.CLIPScorer.from_pretrained(path, batch_size=2)
+    image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    image[0, 0], image[0, 1] = 0, 255
+    for floats, top in ((image.astype(np.float32), "255.0"), (image / 255.0, "1.0")):
+        expect = rf"^images: float values in \[0.0, {top}\]; expected uint8 0..255 \("
+        with pytest.raises(ValueError, match=expect):  # (compute_metrics' reference set, too)
+            scorer.embed_images([floats])
+    with pytest.raises(ValueError, match=r"^pixels_BHWC: float values in \[0.0, 255.0\]; "):
+        scorer.model.embed_image(jnp.asarray(image[None], jnp.float32))
+    pixels = clip_normalize(image[None])  # in range: embedded as transformers does
+    ref = _torch_image_embeddings(model, scorer, [image])
+    np.testing.assert_allclose(scorer.model.embed_image(pixels), ref, atol=1e-5, rtol=1e-5)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from torch import nn
 
 from catflax.metrics import convert_inception, features, inception
+from catflax.models.rngs import abstract_module
 from catflax.weights.convert import WeightLoadError
 from catflax.weights.io import WeightFileError, read_state_dict, write_safetensors
 
@@ -263,3 +265,40 @@ def test_weight_files_are_checked(torch_inception, tmp_path):
     with pytest.raises(WeightFileError, match="does not start with the 6726825d"):
         convert_inception.main([str(bad), str(tmp_path / "x.safetensors")])
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+class _MeanColour(nnx.Module):
+    """Stands in for the network where only inception_features' host side is tested."""
+
+    config = inception.InceptionConfig(resize_to=None)
+
+    def __call__(self, x):
+        return x.mean(axis=(1, 2))
+
+
+def test_float_images_outside_unit_range_are_refused():
+    """0..255 floats (uint8 converted without /255) would give wrong features: refused by the
+    network called directly and by inception_features; [0, 1] floats pass, traced ones unchecked."""
+    cfg = inception.InceptionConfig(resize_to=None)
+    net = abstract_module(lambda rngs: inception.InceptionV3(cfg, rngs=rngs))  # no weights made
+    bright = np.full((1, 74, 80, 3), 254.7, np.float32)
+    bright[0, 0, 0] = 0.0
+    unit = np.full((1, 74, 80, 3), 1.0005, np.float32)  # within the tolerance of [0, 1]
+    expect = r"float values in \[0.0, 254.7\]; expected \[0, 1\] \(divide uint8 images by 255\)"
+    for images in (bright, jnp.asarray(bright)):
+        with pytest.raises(ValueError, match="images_BHWC: " + expect):
+            net(images)
+    # Valid input gets past the check to the size check (so the network never runs), and so
+    # does any traced input (under jit the values are not known, nor checked).
+    for images in (unit, jnp.asarray(unit)):
+        with pytest.raises(ValueError, match="at least 75 px"):
+            net(images)
+    with pytest.raises(ValueError, match="at least 75 px"):
+        jax.eval_shape(net, jax.ShapeDtypeStruct(bright.shape, jnp.float32))
+
+    stand_in = _MeanColour()
+    for images in (bright, list(bright)):
+        with pytest.raises(ValueError, match=r"^images: float values in \[0.0, 254.7\]; expected"):
+            features.inception_features(stand_in, images)
+    got = features.inception_features(stand_in, np.concatenate([unit, bright / 255]))
+    np.testing.assert_allclose(got, [[1.0005] * 3, (bright / 255).mean((1, 2))[0]], rtol=1e-4)

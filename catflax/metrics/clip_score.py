@@ -18,12 +18,23 @@ from flax import nnx
 from PIL import Image
 
 from catflax.metrics.features import map_batches
-from catflax.metrics.image_sets import LazyMap, as_sequence
+from catflax.metrics.image_sets import (
+    LazyMap,
+    as_sequence,
+    check_float_range,
+    describe_floats,
+    float_values,
+)
 from catflax.models.clip import CLIPTextModel, CLIPVisionModel
 from catflax.models.rngs import abstract_module
-from catflax.preprocess import clip_normalize, resize_center_crop
+from catflax.preprocess import CLIP_MEAN, CLIP_STD, clip_normalize, resize_center_crop
 
 MASK_THRESHOLD = 127  # a mask pixel > 127 is inside the region
+# The range of clip_normalize's output for 0..255 input (over the three channels).
+PIXEL_RANGE = (
+    float(np.min(-np.asarray(CLIP_MEAN) / CLIP_STD)),
+    float(np.max((1 - np.asarray(CLIP_MEAN)) / CLIP_STD)),
+)
 
 
 class CLIPProjections(nnx.Module):
@@ -81,6 +92,8 @@ class CLIPWithProjections(nnx.Module):
         return self.projections.text_projection(pooled_BD).astype(jnp.float32)
 
     def embed_image(self, pixels_BHWC: jax.Array) -> jax.Array:
+        """Embeddings of CLIP-normalised pixels (`clip_normalize` of uint8 images)."""
+        check_float_range("pixels_BHWC", pixels_BHWC, *PIXEL_RANGE, " (use clip_normalize)")
         _, pooled_BD = self.vision(pixels_BHWC)
         return self.projections.visual_projection(pooled_BD).astype(jnp.float32)
 
@@ -181,10 +194,17 @@ class CLIPScorer:
         return self.embed_token_ids(ids)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 (H,W,3) images -> (N, S, S, 3) uint8: bicubic short side to S, centre crop."""
-        return np.stack(
-            [resize_center_crop(Image.fromarray(np.asarray(im)), self.image_size) for im in images]
-        )
+        """uint8 (H,W,3) images -> (N, S, S, 3) uint8: bicubic short side to S, centre crop.
+        Float images are refused (those in [0, 1] would be 255 times too dark)."""
+        arrays = [np.asarray(im) for im in images]
+        for im in arrays:
+            seen = float_values(im)
+            if seen is not None:
+                raise ValueError(
+                    f"images: {describe_floats(seen)}; expected uint8 0..255 (CLIPScorer takes "
+                    "uint8 images: round 0..255 floats, or 255 * [0, 1] floats, to uint8)"
+                )
+        return np.stack([resize_center_crop(Image.fromarray(im), self.image_size) for im in arrays])
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Projected image embeddings (N, P), not normalised, of uint8 RGB images (any sizes),

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from catflax.metrics.image_sets import as_sequence, shapes_of
+from catflax.metrics.image_sets import as_sequence, check_float_range, shapes_of
 from catflax.metrics.inception import InceptionV3, resize_bilinear
 
 
@@ -70,6 +70,7 @@ def _as_unit_float(images) -> np.ndarray:
         return images.astype(np.float32) / 255.0
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+    check_float_range("images", images, 0.0, 1.0, " (pass uint8 images, or divide by 255)")
     return images.astype(np.float32)
 
 
@@ -77,10 +78,10 @@ def inception_features(
     model: InceptionV3, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 50
 ) -> np.ndarray:
     """Pool3 features (N, 2048) float64 of RGB images as pytorch-fid computes them: uint8 ->
-    /255, bilinear resize to 299, network. `images` is one (N,H,W,3) array or a list of (H,W,3)
-    arrays whose sizes may differ (each is then resized on the host first, which is the same
-    linear map the network applies to a batch); a sequence is read one batch at a time
-    (`catflax.metrics.image_sets.ImageFiles` keeps a set on disk)."""
+    /255 (float images must be in [0, 1]), bilinear resize to 299, network. `images` is one
+    (N,H,W,3) array or a list of (H,W,3) arrays whose sizes may differ (each is then resized on
+    the host first, which is the same linear map the network applies to a batch); a sequence is
+    read one batch at a time (`catflax.metrics.image_sets.ImageFiles` keeps a set on disk)."""
     size = model.config.resize_to
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[-1] != 3:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from catflax.metrics.image_sets import check_float_range
 from catflax.models.rngs import abstract_module
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -277,6 +278,7 @@ class InceptionV3(nnx.Module):
                 f"InceptionV3 takes float images in [0, 1], got {jnp.result_type(images_BHWC)} "
                 "(inception_features converts uint8 images)"
             )
+        check_float_range("images_BHWC", images_BHWC, 0.0, 1.0, " (divide uint8 images by 255)")
         x = jnp.asarray(images_BHWC, jnp.float32)
         if x.shape[-1] != 3:
             raise ValueError(f"InceptionV3 expects RGB images (B,H,W,3), got shape {x.shape}")
