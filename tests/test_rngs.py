@@ -7,6 +7,7 @@ from jax._src.interpreters import partial_eval
 
 from catflax.models import rngs as rngs_lib
 from catflax.models.cat import CATDiffusion
+from catflax.models.inpainter import SemanticInpainter
 from tests.tiny import TINY_CAT
 
 
@@ -17,11 +18,17 @@ def params(model) -> dict:
 def test_same_parameters_as_nnx_rngs_eagerly_and_jitted():
     want = params(CATDiffusion(TINY_CAT, rngs=nnx.Rngs(3)))
     eager = params(CATDiffusion(TINY_CAT, rngs=rngs_lib.rngs(3)))
-    jitted = jax.jit(lambda: nnx.state(CATDiffusion(TINY_CAT, rngs=rngs_lib.rngs(3))))()
-    jitted = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(jitted)}
-    assert want.keys() == eager.keys() == jitted.keys() and len(want) > 100
+    assert want.keys() == eager.keys() and len(want) > 100
     for path in want:
         np.testing.assert_array_equal(eager[path], want[path], err_msg=str(path))
+    # Under jit, as the trainer builds its models: one part (the whole model's init program
+    # took 22 s to compile).
+    build = lambda rngs: SemanticInpainter(TINY_CAT.inpainter, rngs=rngs)  # noqa: E731
+    want = params(build(nnx.Rngs(3)))
+    jitted = jax.jit(lambda: nnx.state(build(rngs_lib.rngs(3))))()
+    jitted = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(jitted)}
+    assert want.keys() == jitted.keys() and len(want) > 20
+    for path in want:
         np.testing.assert_allclose(jitted[path], want[path], rtol=1e-6, atol=1e-6)
     stream = rngs_lib.rngs(3).params
     assert type(stream.fork()) is type(stream)  # forks keep the cheap stream
