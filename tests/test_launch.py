@@ -146,8 +146,8 @@ def test_network_flags_reach_gcloud(tmp_path):
     create = dry_run(tmp_path, "launch/tpu/create.sh", *TARGET, "--accelerator", "v4-8", **net)
     assert create[1][-2:] == ["--internal-ips", "--network=net1"]
     assert "--network=net1" not in create[0]  # not for the describe
-    _, scp, ssh = dry_run(tmp_path, "launch/tpu/setup.sh", *TARGET, **net)
-    assert "--tunnel-through-iap" in scp and "--tunnel-through-iap" in ssh
+    check, _, scp, ssh = dry_run(tmp_path, "launch/tpu/setup.sh", *TARGET, **net)
+    assert all("--tunnel-through-iap" in c for c in (check, scp, ssh))
     (logs,) = dry_run(tmp_path, "launch/tpu/logs.sh", *TARGET, **net)
     assert "--tunnel-through-iap" in logs
 
@@ -256,8 +256,16 @@ def remote_command(command: list[str], worker: str = "all") -> str:
     return command[len(SSH) + 1].removeprefix("--command=")
 
 
+# run.sh and setup.sh first check every worker with this alone; run.sh repeats it as it starts.
+GUARD = (
+    'if [ -e ~/catflax-run.pid ] && kill -0 "$(cat ~/catflax-run.pid)" 2>/dev/null; then'
+    ' echo "catflax already runs on $(hostname): stop.sh first"{}; exit 1; fi'
+)
+
+
 def test_setup_copies_this_tree(tmp_path):
-    pack, scp, ssh = tpu(tmp_path, "setup")
+    check, pack, scp, ssh = tpu(tmp_path, "setup")
+    assert remote_command(check) == GUARD.format("")  # every worker checked first
     tarball = str(tmp_path / "catflax-src-cat1.tar.gz")
     # The files git lists (tracked or new, not ignored): no venvs, workdirs, weights or logs.
     assert pack[:3] == ["git", "-C", str(ROOT)] and "--exclude-standard" in pack
@@ -302,7 +310,8 @@ def test_setup_copies_this_tree(tmp_path):
 
 
 def test_setup_from_a_repository(tmp_path):
-    (ssh,) = tpu(tmp_path, "setup", "--repo", "https://example.org/catflax.git", "--ref", "v1")
+    check, ssh = tpu(tmp_path, "setup", "--repo", "https://example.org/catflax.git", "--ref", "v1")
+    assert remote_command(check) == GUARD.format("")
     steps = remote_command(ssh).split(" && ")
     assert steps[2:5] == [
         "rm -rf catflax",
@@ -324,11 +333,6 @@ def test_setup_copies_weights_from_gcs(tmp_path):
 
 RUN_ARGS = ["--config", "configs/coco.py", "--workdir", "gs://bucket/runs/coco"]
 MAIN = "~/catflax-venv/bin/python -m catflax.main --config=configs/coco.py"
-# run.sh first checks every worker with this alone, then starts (with it again) where none failed.
-GUARD = (
-    'if [ -e ~/catflax-run.pid ] && kill -0 "$(cat ~/catflax-run.pid)" 2>/dev/null; then'
-    ' echo "catflax already runs on $(hostname): stop.sh first"{}; exit 1; fi'
-)
 
 
 def test_run_on_all_workers(tmp_path):
@@ -490,6 +494,14 @@ def test_run_starts_nothing_while_any_worker_runs(tmp_path, old_gcloud):
         assert unchecked.returncode == 2
         assert "(gcloud exit status 255; see above): nothing was started" in unchecked.stderr
         assert gcloud_calls(tmp_path) == [check]
+    # setup.sh too: nothing is copied or installed while a run lives on any worker
+    with subprocess.Popen(["sleep", "30"]) as live:
+        (homes[1] / "catflax-run.pid").write_text(str(live.pid))
+        setup = launch(tmp_path, "launch/tpu/setup.sh", *TARGET, "--repo", "https://x.org/c.git",
+                       **gcloud)  # fmt: skip
+        live.kill()
+    assert setup.returncode == 2 and "stop.sh first; nothing was set up" in setup.stderr
+    assert gcloud_calls(tmp_path) == [check]
     # no live run anywhere (worker 1's pid file is stale now): it starts on every worker
     started = launch(tmp_path, "launch/tpu/run.sh", *TARGET, *RUN_ARGS, **gcloud)
     pids = [int(h.read_text()) for h in (w / "catflax-run.pid" for w in homes) if h.exists()]

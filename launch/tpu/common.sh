@@ -50,6 +50,42 @@ tpu_ssh() {
     --worker="$1" --command="$2"
 }
 
+# live_run_guard [REDIRECT]: a worker snippet that fails (exit 1) with "$BUSY HOST: ..." where
+# the worker's pid file names a live process.
+BUSY="catflax already runs on"
+live_run_guard() {
+  printf '%s' "if [ -e ~/$REMOTE_PID ] && kill -0 \"\$(cat ~/$REMOTE_PID)\" 2>/dev/null; then"
+  printf '%s' " echo \"$BUSY \$(hostname): stop.sh first\"${1:-}; exit 1; fi"
+}
+
+# check_no_live_run WHAT: runs live_run_guard on every worker and dies, saying nothing was WHAT
+# (started, set up), if a catflax run is alive on any of them (or a worker could not be checked).
+# Does `tpu-vm ssh --worker=all` fail when the command fails on one worker? In current gcloud, yes:
+# AttemptRunWithRetries records each worker's exit status (255 where ssh itself failed) and
+# WaitForBatchCompletion, once every worker is done, exits with the first non-zero one (gcloud's
+# lib/googlecloudsdk/command_lib/compute/tpus/tpu_vm/ssh.py, as mirrored in
+# github.com/google-cloud-sdk-unofficial/google-cloud-sdk). Older releases (_AttemptSSHWithRetries,
+# no exit_statuses) called sys.exit in each worker's thread only, so gcloud exited 0 whatever the
+# workers did. Hence both: the workers' output is searched for the guard's message, and a non-zero
+# exit status without it (a worker that could not be checked) stops too.
+check_no_live_run() {
+  local check found check_status=0
+  check=$(live_run_guard)
+  if ((DRY_RUN)); then
+    tpu_ssh all "$check"
+    return
+  fi
+  found=$(tpu_ssh all "$check") || check_status=$?
+  [[ -z $found ]] || printf '%s\n' "$found"
+  if grep -qF "$BUSY" <<<"$found"; then
+    die "a catflax run is still alive on some workers (see above): stop.sh first;" \
+      "nothing was $1"
+  fi
+  ((check_status == 0)) ||
+    die "could not check every worker for a live run (gcloud exit status $check_status;" \
+      "see above): nothing was $1"
+}
+
 # accelerator_type TYPE: the gcloud --accelerator-type (v5e-N is spelled v5litepod-N there).
 accelerator_type() {
   local type=${1/#v5e-/v5litepod-}

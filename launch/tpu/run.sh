@@ -50,39 +50,9 @@ main_line=""
 main_line+="~/$REMOTE_VENV/bin/python $(command_line -m catflax.main --config="$OPT_config" \
   --workdir="$OPT_workdir" "${EXTRA_ARGS[@]}")"
 
-# live_run_guard [REDIRECT]: a worker snippet that fails (exit 1) with "$BUSY HOST: ..." where
-# the worker's pid file names a live process.
-BUSY="catflax already runs on"
-live_run_guard() {
-  printf '%s' "if [ -e ~/$REMOTE_PID ] && kill -0 \"\$(cat ~/$REMOTE_PID)\" 2>/dev/null; then"
-  printf '%s' " echo \"$BUSY \$(hostname): stop.sh first\"${1:-}; exit 1; fi"
-}
-
 # First check every worker: a worker without a live run would otherwise start a new process that
 # tries to join the old run's JAX cluster on the others (it hangs or joins the wrong coordinator).
-# Does `tpu-vm ssh --worker=all` fail when the command fails on one worker? In current gcloud, yes:
-# AttemptRunWithRetries records each worker's exit status (255 where ssh itself failed) and
-# WaitForBatchCompletion, once every worker is done, exits with the first non-zero one (gcloud's
-# lib/googlecloudsdk/command_lib/compute/tpus/tpu_vm/ssh.py, as mirrored in
-# github.com/google-cloud-sdk-unofficial/google-cloud-sdk). Older releases (_AttemptSSHWithRetries,
-# no exit_statuses) called sys.exit in each worker's thread only, so gcloud exited 0 whatever the
-# workers did. Hence both: the workers' output is searched for the guard's message, and a non-zero
-# exit status without it (a worker that could not be checked) stops the start too.
-check=$(live_run_guard)
-if ((DRY_RUN)); then
-  tpu_ssh all "$check"
-else
-  check_status=0
-  found=$(tpu_ssh all "$check") || check_status=$?
-  [[ -z $found ]] || printf '%s\n' "$found"
-  if grep -qF "$BUSY" <<<"$found"; then
-    die "a catflax run is still alive on some workers (see above): stop.sh first;" \
-      "nothing was started"
-  fi
-  ((check_status == 0)) ||
-    die "could not check every worker for a live run (gcloud exit status $check_status;" \
-      "see above): nothing was started"
-fi
+check_no_live_run "started"
 
 remote="cd ~/$REMOTE_SRC || exit 1"
 # The same guard again, for a run started between the check and this start.

@@ -12,7 +12,8 @@ Puts the project in ~/$REMOTE_SRC on every worker (by default the files of this 
 git lists, tracked or new and not ignored; with --repo a git clone), makes ~/$REMOTE_VENV with Python
 $PYTHON_VERSION (uv $UV_VERSION fetches it) and installs requirements.txt, requirements-gcs.txt
 (gs:// support), jax[tpu] of the version requirements.txt pins, and the project itself (-e .).
-Safe to run again after code changes.
+Safe to run again after code changes; it checks every worker first and changes nothing while a
+run is alive on any of them (stop.sh first).
 
   --repo URL         clone this git repository on the workers instead of copying this tree
   --weights gs://... copy this GCS folder to ~/$REMOTE_WEIGHTS on every worker (gcloud storage
@@ -33,6 +34,9 @@ gcloud_flags
 [[ -z $OPT_ref || -n $OPT_repo ]] || die "--ref needs --repo"
 [[ -z $OPT_weights || $OPT_weights == gs://?* ]] || die "--weights wants a gs:// folder"
 jax_version=$(pinned_version jax)
+# Every worker first: replacing the code under a live run on some workers, or on the others of a
+# run still alive on some, leaves the slice half old, half new.
+check_no_live_run "set up"
 
 if [[ -n $OPT_repo ]]; then
   fetch="rm -rf $REMOTE_SRC && git clone --quiet $(quote "$OPT_repo") $REMOTE_SRC"
